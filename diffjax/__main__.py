@@ -1,0 +1,5 @@
+import sys
+
+from diffjax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,3 @@
+"""Guidance as model_fn transformations."""
+
+from diffjax.guidance.classifier_free import classifier_free_guidance, drop_labels

@@ -1,0 +1,8 @@
+"""Scan/fori-loop based samplers that take any ``model_fn(params, x_t, t, cond)``."""
+
+from diffjax.samplers.ddim import ddim_sample, ddim_sigma, ddim_step
+from diffjax.samplers.ddpm import ddpm_sample, ddpm_step
+from diffjax.samplers.loop import reverse_loop
+from diffjax.samplers.timesteps import SPACINGS, make_timesteps
+
+SAMPLERS = ("ddpm", "ddim")

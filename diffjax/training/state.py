@@ -1,0 +1,70 @@
+"""The train state as one pytree, and the optimiser.
+
+``TrainState`` holds everything a resumed run needs except the data position and the PRNG key, both of
+which are functions of the step (batch ``k`` is fixed by the seed; per-step keys are
+``fold_in(root_key, step)``), so no key ever lives in the (replicated) state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+
+@struct.dataclass
+class TrainState:
+  """step: int32 scalar; params/ema_params: model pytrees; opt_state: optax state;
+  skipped: int32 count of updates rejected as non-finite."""
+
+  step: jnp.ndarray
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  skipped: jnp.ndarray
+
+
+def make_optimizer(*, learning_rate: float, warmup_steps: int = 0, total_steps: int | None = None,
+                   decay: str = "constant", weight_decay: float = 0.0, grad_clip: float | None = 1.0,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+  """AdamW with linear warm-up, then constant or cosine decay, after global-norm clipping.
+
+  Args:
+    learning_rate: peak learning rate (> 0).
+    warmup_steps: steps of linear warm-up from 0.
+    total_steps: needed for decay="cosine".
+    decay: "constant" or "cosine".
+    weight_decay: decoupled weight decay of AdamW.
+    grad_clip: clip gradients to this global norm (None or 0 disables).
+  """
+  if learning_rate <= 0:
+    raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+  if decay == "constant":
+    sched = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
+                                  optax.constant_schedule(learning_rate)], [max(warmup_steps, 1)])
+  elif decay == "cosine":
+    if not total_steps or total_steps <= warmup_steps:
+      raise ValueError(f"total_steps must exceed warmup_steps for cosine decay, got {total_steps}")
+    sched = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1), total_steps,
+                                               end_value=0.1 * learning_rate)
+  else:
+    raise ValueError(f"decay={decay!r} is not one of ('constant', 'cosine')")
+  parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+  parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  return optax.chain(*parts)
+
+
+def create_train_state(*, params, tx: optax.GradientTransformation) -> TrainState:
+  """A fresh state at step 0 whose EMA starts equal to the parameters."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
+                    skipped=jnp.zeros((), jnp.int32))
+
+
+def ema_update(ema, params, *, decay: float, step):
+  """EMA with the warm-up ``min(decay, (1 + step) / (10 + step))`` so early averages track fast."""
+  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
