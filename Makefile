@@ -16,7 +16,7 @@ install: $(BIN)/python
 	$(BIN)/python -m pip install -q -e .
 
 install-test: $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,reference]"
 
 demo: install
 	$(BIN)/python -m diffjax train --config configs/digits_ddpm.py --workdir $(WORKDIR)
@@ -25,7 +25,7 @@ demo: install
 	@echo "sample grid (rows = classes 0..9): $(WORKDIR)/samples_ddim50_w2.png"
 
 test: install-test
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=15
 
 clean:
 	rm -rf $(VENV) runs

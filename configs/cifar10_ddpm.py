@@ -13,11 +13,26 @@ from ddpm_defaults import base_config, smoke
 def get_config(arg: str | None = None):
   c = base_config()
   c.data.update(source="tfds:cifar10", split="train", holdout=1000, image_shape=(32, 32, 3))
-  c.model.update(in_channels=3, out_channels=3, block_out_channels=(64, 128, 128, 128), layers_per_block=2,
-                 attention_levels=(False, True, False, False), attention_head_dim=64, norm_num_groups=32,
-                 dropout=0.1)
-  c.training.update(batch_size=128, num_steps=200_000, learning_rate=2e-4, warmup_steps=5000,
-                    lr_decay="constant", ema_decay=0.9999, log_every=100, checkpoint_every=5000)
+  c.model.update(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(64, 128, 128, 128),
+    layers_per_block=2,
+    attention_levels=(False, True, False, False),
+    attention_head_dim=64,
+    norm_num_groups=32,
+    dropout=0.1,
+  )
+  c.training.update(
+    batch_size=128,
+    num_steps=200_000,
+    learning_rate=2e-4,
+    warmup_steps=5000,
+    lr_decay="constant",
+    ema_decay=0.9999,
+    log_every=100,
+    checkpoint_every=5000,
+  )
   c.sample.update(num=100, every=10_000)
   c.eval.update(every=10_000, num_examples=256, num_t_samples=100)
   if arg == "smoke":

@@ -6,24 +6,49 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.data = ml_collections.ConfigDict(dict(
-      source="digits", path=None, split="train", data_dir=None, holdout=180, image_shape=(8, 8, 1)))
-  c.model = ml_collections.ConfigDict(dict(
-      in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
-      attention_levels=(False, True), attention_head_dim=16, norm_num_groups=8, dropout=0.1,
-      num_classes=10))
-  c.diffusion = ml_collections.ConfigDict(dict(
-      schedule="linear", num_timesteps=1000, prediction="eps", weighting="none", min_snr_gamma=5.0))
-  c.training = ml_collections.ConfigDict(dict(
-      batch_size=128, num_steps=1500, learning_rate=2e-3, warmup_steps=200, lr_decay="cosine",
-      weight_decay=0.0, grad_clip=1.0, ema_decay=0.999, cond_drop_prob=0.1, log_every=50,
-      checkpoint_every=500, keep_checkpoints=2))
-  c.sample = ml_collections.ConfigDict(dict(
-      sampler="ddim", num_steps=50, guidance=2.0, eta=0.0, spacing="uniform", num=100, every=1500))
+  c.data = ml_collections.ConfigDict(
+    dict(source="digits", path=None, split="train", data_dir=None, holdout=180, image_shape=(8, 8, 1))
+  )
+  c.model = ml_collections.ConfigDict(
+    dict(
+      in_channels=1,
+      out_channels=1,
+      block_out_channels=(32, 64),
+      layers_per_block=1,
+      attention_levels=(False, True),
+      attention_head_dim=16,
+      norm_num_groups=8,
+      dropout=0.1,
+      num_classes=10,
+    )
+  )
+  c.diffusion = ml_collections.ConfigDict(
+    dict(schedule="linear", num_timesteps=1000, prediction="eps", weighting="none", min_snr_gamma=5.0)
+  )
+  c.training = ml_collections.ConfigDict(
+    dict(
+      batch_size=128,
+      num_steps=1500,
+      learning_rate=2e-3,
+      warmup_steps=200,
+      lr_decay="cosine",
+      weight_decay=0.0,
+      grad_clip=1.0,
+      ema_decay=0.999,
+      cond_drop_prob=0.1,
+      log_every=50,
+      checkpoint_every=500,
+      keep_checkpoints=2,
+    )
+  )
+  c.sample = ml_collections.ConfigDict(
+    dict(sampler="ddim", num_steps=50, guidance=2.0, eta=0.0, spacing="uniform", num=100, every=1500)
+  )
   c.eval = ml_collections.ConfigDict(dict(every=500, num_examples=128, num_t_samples=100))
   c.mesh = ml_collections.ConfigDict(dict(num_devices=None))
-  c.distributed = ml_collections.ConfigDict(dict(
-      initialize=False, coordinator_address=None, num_processes=None, process_id=None))
+  c.distributed = ml_collections.ConfigDict(
+    dict(initialize=False, coordinator_address=None, num_processes=None, process_id=None)
+  )
   return c
 
 

@@ -14,12 +14,26 @@ from ddpm_defaults import base_config, smoke
 
 def get_config(arg: str | None = None):
   c = base_config()
-  c.data.update(source="mnist_idx", path="../shared/data/mnist", split="test", holdout=500,
-                image_shape=(28, 28, 1))
-  c.model.update(block_out_channels=(32, 64, 64), layers_per_block=1, attention_levels=(False, False, True),
-                 attention_head_dim=32, norm_num_groups=8, dropout=0.1)
-  c.training.update(batch_size=64, num_steps=2500, learning_rate=2e-3, warmup_steps=200,
-                    log_every=50, checkpoint_every=250, keep_checkpoints=2)
+  c.data.update(
+    source="mnist_idx", path="../shared/data/mnist", split="test", holdout=500, image_shape=(28, 28, 1)
+  )
+  c.model.update(
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    attention_levels=(False, False, True),
+    attention_head_dim=32,
+    norm_num_groups=8,
+    dropout=0.1,
+  )
+  c.training.update(
+    batch_size=64,
+    num_steps=2500,
+    learning_rate=2e-3,
+    warmup_steps=200,
+    log_every=50,
+    checkpoint_every=250,
+    keep_checkpoints=2,
+  )
   c.sample.update(num=100, every=2500)
   c.eval.update(every=500, num_examples=64, num_t_samples=50)
   if arg == "smoke":

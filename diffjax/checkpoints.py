@@ -23,9 +23,11 @@ class Checkpointer:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
     self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-                                             create=True))
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True
+      ),
+    )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -35,8 +37,9 @@ class Checkpointer:
 
   def save(self, step: int, state, *, force: bool = False) -> bool:
     """Saves ``state`` at ``step`` if the interval says so (or ``force``); returns whether it did."""
-    return self._manager.save(int(step), args=ocp.args.StandardSave(serialization.to_state_dict(state)),
-                              force=force)
+    return self._manager.save(
+      int(step), args=ocp.args.StandardSave(serialization.to_state_dict(state)), force=force
+    )
 
   def restore(self, template, step: int | None = None):
     """Restores into the structure, shapes, dtypes and shardings of ``template``."""

@@ -22,7 +22,7 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
   for i in it:
     a = argv[i]
     if a.startswith("--config."):
-      key, eq, value = a[len("--config."):].partition("=")
+      key, eq, value = a[len("--config.") :].partition("=")
       if not eq:
         if i + 1 >= len(argv):
           raise ValueError(f"{a} needs a value (--config.{key}=VALUE)")
@@ -65,7 +65,9 @@ def cmd_sample(args) -> int:
   if args.num is not None and args.num < 1:
     raise ValueError(f"--num must be >= 1, got {args.num}")
   config = read_config(args.workdir)
-  model, schedule, params = load_trained(config, args.workdir, step=args.checkpoint_step, ema=not args.raw_params)
+  model, schedule, params = load_trained(
+    config, args.workdir, step=args.checkpoint_step, ema=not args.raw_params
+  )
   labels = _parse_labels(args.labels)
   nc = model.num_classes
   num = args.num or (len(labels) if labels else 64)
@@ -74,10 +76,18 @@ def cmd_sample(args) -> int:
   else:
     labels = np.arange(num) % (nc or 1)
   from diffjax.training.builders import image_shape
-  generate = make_generate(model=model, schedule=schedule, image_shape=image_shape(config), sampler=args.sampler,
-                           prediction=config.diffusion.prediction, spacing=args.spacing)
-  images = generate(params, jax.random.key(args.seed), labels, num_steps=args.steps, guidance=args.guidance,
-                    eta=args.eta)
+
+  generate = make_generate(
+    model=model,
+    schedule=schedule,
+    image_shape=image_shape(config),
+    sampler=args.sampler,
+    prediction=config.diffusion.prediction,
+    spacing=args.spacing,
+  )
+  images = generate(
+    params, jax.random.key(args.seed), labels, num_steps=args.steps, guidance=args.guidance, eta=args.eta
+  )
   images = to_uint8(np.asarray(jax.device_get(images)))
   out = args.out or os.path.join(args.workdir, "samples.npz")
   if not out.endswith(".npz"):
@@ -91,8 +101,9 @@ def cmd_sample(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m diffjax", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog="python -m diffjax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   sub = p.add_subparsers(dest="command", required=True)
   t = sub.add_parser("train", help="train (or resume) a model in a work directory")
   t.add_argument("--config", required=True, help="configs/NAME.py[:variant]")

@@ -65,7 +65,9 @@ def _parse_value(text: str, current):
   return value
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> ml_collections.ConfigDict:
+def apply_overrides(
+  config: ml_collections.ConfigDict, overrides: dict[str, str]
+) -> ml_collections.ConfigDict:
   """Sets ``config.a.b = value`` for each ``{"a.b": "value"}``; unknown keys are errors."""
   for dotted, text in overrides.items():
     parts = dotted.split(".")
@@ -73,12 +75,16 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
     for i, part in enumerate(parts):
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
         known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
-        raise ValueError(f"unknown config key 'config.{dotted}' ({'.'.join(parts[:i]) or 'config'} has: {known})")
+        raise ValueError(
+          f"unknown config key 'config.{dotted}' ({'.'.join(parts[:i]) or 'config'} has: {known})"
+        )
       if i < len(parts) - 1:
         node = node[part]
     leaf = parts[-1]
     if isinstance(node[leaf], ml_collections.ConfigDict):
-      raise ValueError(f"config.{dotted} is a group; set one of its keys: {', '.join(sorted(node[leaf].keys()))}")
+      raise ValueError(
+        f"config.{dotted} is a group; set one of its keys: {', '.join(sorted(node[leaf].keys()))}"
+      )
     try:
       value = _parse_value(text, node[leaf])
     except ValueError as e:

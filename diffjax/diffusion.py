@@ -54,8 +54,9 @@ def q_mean_variance(*, schedule: Schedule, x0: jnp.ndarray, t: jnp.ndarray):
 def q_posterior(*, schedule: Schedule, x0: jnp.ndarray, x_t: jnp.ndarray, t: jnp.ndarray):
   """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (DDPM Eq. 6-7)."""
   nd = x_t.ndim
-  mean = (gather(schedule.posterior_mean_coef_x0, t, nd) * x0
-          + gather(schedule.posterior_mean_coef_xt, t, nd) * x_t)
+  mean = (
+    gather(schedule.posterior_mean_coef_x0, t, nd) * x0 + gather(schedule.posterior_mean_coef_xt, t, nd) * x_t
+  )
   var = gather(schedule.posterior_variance, t, nd)
   logvar = gather(schedule.posterior_log_variance_clipped, t, nd)
   return mean, var, logvar

@@ -35,8 +35,9 @@ def _sum_flat(x):
   return jnp.sum(x, axis=tuple(range(1, x.ndim)))
 
 
-def loss_weight(*, schedule: Schedule, t, prediction: str, weighting: str = "none",
-                min_snr_gamma: float = 5.0) -> jnp.ndarray:
+def loss_weight(
+  *, schedule: Schedule, t, prediction: str, weighting: str = "none", min_snr_gamma: float = 5.0
+) -> jnp.ndarray:
   """Per-example weight ``[B]`` applied to the mean squared error in the target's space.
 
   "min_snr" weights the x0-space error by min(SNR, gamma); expressed in the target's space that is
@@ -52,9 +53,18 @@ def loss_weight(*, schedule: Schedule, t, prediction: str, weighting: str = "non
   return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1.0)}[prediction]
 
 
-def diffusion_loss(*, model_fn: ModelFn, params, schedule: Schedule, x0: jnp.ndarray, cond: Any,
-                   key: jax.Array, prediction: str = "eps", weighting: str = "none",
-                   min_snr_gamma: float = 5.0):
+def diffusion_loss(
+  *,
+  model_fn: ModelFn,
+  params,
+  schedule: Schedule,
+  x0: jnp.ndarray,
+  cond: Any,
+  key: jax.Array,
+  prediction: str = "eps",
+  weighting: str = "none",
+  min_snr_gamma: float = 5.0,
+):
   """The denoising regression loss averaged over a batch.
 
   Args:
@@ -77,16 +87,18 @@ def diffusion_loss(*, model_fn: ModelFn, params, schedule: Schedule, x0: jnp.nda
   x_t = diffusion.q_sample(schedule=schedule, x0=x0, t=t, noise=noise)
   target = diffusion.training_target(schedule=schedule, prediction=prediction, x0=x0, t=t, noise=noise)
   out = model_fn(params, x_t, t, cond)
-  w = loss_weight(schedule=schedule, t=t, prediction=prediction, weighting=weighting,
-                  min_snr_gamma=min_snr_gamma)
+  w = loss_weight(
+    schedule=schedule, t=t, prediction=prediction, weighting=weighting, min_snr_gamma=min_snr_gamma
+  )
   per_example = w * _mean_flat(jnp.square(out.astype(jnp.float32) - target))
   return jnp.mean(per_example), per_example
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
   """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
-  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
-                + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+  return 0.5 * (
+    -1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) + jnp.square(mean1 - mean2) * jnp.exp(-logvar2)
+  )
 
 
 def discretized_gaussian_log_likelihood(x, *, mean, log_scale):
@@ -129,8 +141,18 @@ def prior_kl(*, schedule: Schedule, x0) -> jnp.ndarray:
   return _sum_flat(normal_kl(mean, logvar, jnp.zeros_like(mean), jnp.zeros_like(mean)))
 
 
-def vlb_term(*, model_fn: ModelFn, params, schedule: Schedule, x0, t, noise, cond,
-             prediction: str = "eps", variance: str = "small") -> jnp.ndarray:
+def vlb_term(
+  *,
+  model_fn: ModelFn,
+  params,
+  schedule: Schedule,
+  x0,
+  t,
+  noise,
+  cond,
+  prediction: str = "eps",
+  variance: str = "small",
+) -> jnp.ndarray:
   """One term of the bound for each example, nats ``[B]``.
 
   For t > 0 this is L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)); for t = 0 it is the
@@ -139,20 +161,31 @@ def vlb_term(*, model_fn: ModelFn, params, schedule: Schedule, x0, t, noise, con
   nd = x0.ndim
   x_t = diffusion.q_sample(schedule=schedule, x0=x0, t=t, noise=noise)
   out = model_fn(params, x_t, t, cond).astype(jnp.float32)
-  x0_hat, _ = diffusion.to_x0_eps(schedule=schedule, prediction=prediction, x_t=x_t, t=t, output=out,
-                                  clip_x0=1.0)
+  x0_hat, _ = diffusion.to_x0_eps(
+    schedule=schedule, prediction=prediction, x_t=x_t, t=t, output=out, clip_x0=1.0
+  )
   model_mean, _, _ = diffusion.q_posterior(schedule=schedule, x0=x0_hat, x_t=x_t, t=t)
   model_logvar = reverse_log_variance(schedule=schedule, t=t, ndim=nd, variance=variance)
   true_mean, _, true_logvar = diffusion.q_posterior(schedule=schedule, x0=x0, x_t=x_t, t=t)
   kl = _sum_flat(normal_kl(true_mean, true_logvar, model_mean, model_logvar))
-  decoder_nll = -_sum_flat(discretized_gaussian_log_likelihood(
-      x0, mean=model_mean, log_scale=0.5 * model_logvar))
+  decoder_nll = -_sum_flat(
+    discretized_gaussian_log_likelihood(x0, mean=model_mean, log_scale=0.5 * model_logvar)
+  )
   return jnp.where(t == 0, decoder_nll, kl)
 
 
-def nll_bits_per_dim(*, model_fn: ModelFn, params, schedule: Schedule, x0, cond, key: jax.Array,
-                     prediction: str = "eps", variance: str = "small",
-                     num_t_samples: int | None = None) -> dict:
+def nll_bits_per_dim(
+  *,
+  model_fn: ModelFn,
+  params,
+  schedule: Schedule,
+  x0,
+  cond,
+  key: jax.Array,
+  prediction: str = "eps",
+  variance: str = "small",
+  num_t_samples: int | None = None,
+) -> dict:
   """Negative log-likelihood bound in bits per dimension for each example.
 
   With ``num_t_samples=None`` every term t = 0..T-1 is evaluated (exact bound, T forward passes).
@@ -189,9 +222,17 @@ def nll_bits_per_dim(*, model_fn: ModelFn, params, schedule: Schedule, x0, cond,
   def body(total, i_t_w):
     i, t, w = i_t_w
     noise = jax.random.normal(jax.random.fold_in(key, i + 2), x0.shape, x0.dtype)
-    term = vlb_term(model_fn=model_fn, params=params, schedule=schedule, x0=x0,
-                    t=jnp.full((B,), t, jnp.int32), noise=noise, cond=cond,
-                    prediction=prediction, variance=variance)
+    term = vlb_term(
+      model_fn=model_fn,
+      params=params,
+      schedule=schedule,
+      x0=x0,
+      t=jnp.full((B,), t, jnp.int32),
+      noise=noise,
+      cond=cond,
+      prediction=prediction,
+      variance=variance,
+    )
     return total + w * term, None
 
   terms, _ = jax.lax.scan(body, jnp.zeros((B,), jnp.float32), (jnp.arange(ts.shape[0]), ts, weights))

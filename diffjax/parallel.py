@@ -15,16 +15,26 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def maybe_initialize_distributed(*, enabled: bool, coordinator_address: str | None = None,
-                                 num_processes: int | None = None, process_id: int | None = None) -> None:
+def maybe_initialize_distributed(
+  *,
+  enabled: bool,
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
   """Calls ``jax.distributed.initialize`` for multi-host runs (no-op unless ``enabled``).
 
   On TPU pods and SLURM/GPU clusters the arguments may be left None: JAX discovers them.
   """
   if not enabled:
     return
-  kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address, num_processes=num_processes,
-                                    process_id=process_id).items() if v is not None}
+  kwargs = {
+    k: v
+    for k, v in dict(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    ).items()
+    if v is not None
+  }
   jax.distributed.initialize(**kwargs)
 
 

@@ -21,9 +21,16 @@ from diffjax.schedules import Schedule
 from diffjax.training.step import make_model_fn
 
 
-def make_generate(*, model: nn.Module, schedule: Schedule, image_shape: Sequence[int],
-                  sampler: str = "ddim", prediction: str = "eps", spacing: str = "uniform",
-                  variance: str = "small") -> Callable:
+def make_generate(
+  *,
+  model: nn.Module,
+  schedule: Schedule,
+  image_shape: Sequence[int],
+  sampler: str = "ddim",
+  prediction: str = "eps",
+  spacing: str = "uniform",
+  variance: str = "small",
+) -> Callable:
   """Builds a jitted ``generate(params, key, labels, num_steps, guidance, eta) -> [B, H, W, C]``.
 
   Args:
@@ -48,17 +55,36 @@ def make_generate(*, model: nn.Module, schedule: Schedule, image_shape: Sequence
     B = labels.shape[0]
     x_T = jax.random.normal(jax.random.fold_in(key, 0), (B, *image_shape), jnp.float32)
     if conditional:
-      model_fn = classifier_free_guidance(base, guidance_scale=guidance,
-                                          null_cond=jnp.full_like(labels, model.num_classes))
+      model_fn = classifier_free_guidance(
+        base, guidance_scale=guidance, null_cond=jnp.full_like(labels, model.num_classes)
+      )
       cond = labels
     else:
       model_fn, cond = base, None
     k = jax.random.fold_in(key, 1)
     if sampler == "ddpm":
-      return ddpm_sample(model_fn=model_fn, params=params, schedule=schedule, x_T=x_T, key=k, cond=cond,
-                         variance=variance, prediction=prediction)
-    return ddim_sample(model_fn=model_fn, params=params, schedule=schedule, x_T=x_T, key=k, cond=cond,
-                       num_steps=num_steps, eta=eta, spacing=spacing, prediction=prediction)
+      return ddpm_sample(
+        model_fn=model_fn,
+        params=params,
+        schedule=schedule,
+        x_T=x_T,
+        key=k,
+        cond=cond,
+        variance=variance,
+        prediction=prediction,
+      )
+    return ddim_sample(
+      model_fn=model_fn,
+      params=params,
+      schedule=schedule,
+      x_T=x_T,
+      key=k,
+      cond=cond,
+      num_steps=num_steps,
+      eta=eta,
+      spacing=spacing,
+      prediction=prediction,
+    )
 
   def checked(params, key, labels, num_steps=50, guidance=1.0, eta=0.0):
     labels = np.asarray(labels)
@@ -69,8 +95,14 @@ def make_generate(*, model: nn.Module, schedule: Schedule, image_shape: Sequence
       raise ValueError(f"label {int(bad)} is out of range [0, {model.num_classes})")
     if sampler == "ddim":
       check_num_steps(num_steps, schedule.num_timesteps)
-    return generate(params, key, jnp.asarray(labels, jnp.int32), jnp.asarray(num_steps, jnp.int32),
-                    jnp.asarray(guidance, jnp.float32), jnp.asarray(eta, jnp.float32))
+    return generate(
+      params,
+      key,
+      jnp.asarray(labels, jnp.int32),
+      jnp.asarray(num_steps, jnp.int32),
+      jnp.asarray(guidance, jnp.float32),
+      jnp.asarray(eta, jnp.float32),
+    )
 
   checked.jitted = generate
   return checked

@@ -69,8 +69,13 @@ def _cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarr
   return np.clip(1.0 - f[1:] / f[:-1], 0.0, max_beta)
 
 
-def make_schedule(kind: str = "linear", *, num_timesteps: int = 1000,
-                  beta_start: float | None = None, beta_end: float | None = None) -> Schedule:
+def make_schedule(
+  kind: str = "linear",
+  *,
+  num_timesteps: int = 1000,
+  beta_start: float | None = None,
+  beta_end: float | None = None,
+) -> Schedule:
   """Builds a schedule's tables in float64 numpy, then stores them as float32.
 
   Args:
@@ -113,7 +118,13 @@ def schedule_from_betas(betas) -> Schedule:
   coef_xt = (1.0 - ab_prev) * np.sqrt(alphas) / (1.0 - ab)
   f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)
   return Schedule(
-      betas=f32(betas), alphas=f32(alphas), alphas_cumprod=f32(ab), alphas_cumprod_prev=f32(ab_prev),
-      posterior_variance=f32(post_var), posterior_log_variance_clipped=f32(post_logvar),
-      posterior_mean_coef_x0=f32(coef_x0), posterior_mean_coef_xt=f32(coef_xt),
-      snr=f32(ab / (1.0 - ab)))
+    betas=f32(betas),
+    alphas=f32(alphas),
+    alphas_cumprod=f32(ab),
+    alphas_cumprod_prev=f32(ab_prev),
+    posterior_variance=f32(post_var),
+    posterior_log_variance_clipped=f32(post_logvar),
+    posterior_mean_coef_x0=f32(coef_x0),
+    posterior_mean_coef_xt=f32(coef_xt),
+    snr=f32(ab / (1.0 - ab)),
+  )

@@ -15,15 +15,49 @@ SMOKE = os.path.join(ROOT, "configs", "digits_ddpm.py:smoke")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("cli") / "w")
-  assert main(["train", "--config", SMOKE, "--workdir", wd, "--no-progress", "--config.training.num_steps=4",
-               "--config.eval.every", "0"]) == 0
+  assert (
+    main(
+      [
+        "train",
+        "--config",
+        SMOKE,
+        "--workdir",
+        wd,
+        "--no-progress",
+        "--config.training.num_steps=4",
+        "--config.eval.every",
+        "0",
+      ]
+    )
+    == 0
+  )
   return wd
 
 
 def test_train_then_sample_round_trip(trained, tmp_path):
   out = str(tmp_path / "s.npz")
-  assert main(["sample", "--workdir", trained, "--sampler", "ddim", "--steps", "5", "--guidance", "2.0",
-               "--num", "6", "--labels", "3,3,7", "--out", out]) == 0
+  assert (
+    main(
+      [
+        "sample",
+        "--workdir",
+        trained,
+        "--sampler",
+        "ddim",
+        "--steps",
+        "5",
+        "--guidance",
+        "2.0",
+        "--num",
+        "6",
+        "--labels",
+        "3,3,7",
+        "--out",
+        out,
+      ]
+    )
+    == 0
+  )
   data = np.load(out)
   assert data["images"].dtype == np.uint8 and data["images"].shape == (6, 8, 8, 1)
   np.testing.assert_array_equal(data["labels"], [3, 3, 7, 3, 3, 7])
@@ -35,29 +69,40 @@ def test_train_then_sample_round_trip(trained, tmp_path):
   np.testing.assert_array_equal(np.load(out2)["images"], np.load(out)["images"])
 
 
-@pytest.mark.parametrize("argv_tail, needle", [
+@pytest.mark.parametrize(
+  "argv_tail, needle",
+  [
     (["--steps", "1000"], "num_steps must be in [1, 100]"),
     (["--labels", "3,10"], "label 10 is out of range [0, 10)"),
     (["--labels", "3,x"], "--labels must be comma-separated integers"),
     (["--eta", "2"], "--eta must be in [0, 1]"),
     (["--num", "0"], "--num must be >= 1"),
     (["--checkpoint-step", "77"], "--checkpoint-step 77 not found"),
-])
+  ],
+)
 def test_sample_bad_inputs(trained, tmp_path, capsys, argv_tail, needle):
   rc = main(["sample", "--workdir", trained, "--out", str(tmp_path / "x.npz"), *argv_tail])
   err = capsys.readouterr().err.strip()
   assert rc == 2 and needle in err and len(err.splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("argv, needle", [
+@pytest.mark.parametrize(
+  "argv, needle",
+  [
     (["train", "--config", SMOKE, "--config.model.nope=1"], "unknown config key 'config.model.nope'"),
-    (["train", "--config", SMOKE, "--config.training.num_steps=abc"], "bad value for config.training.num_steps"),
+    (
+      ["train", "--config", SMOKE, "--config.training.num_steps=abc"],
+      "bad value for config.training.num_steps",
+    ),
     (["train", "--config", "configs/nope.py"], "--config file 'configs/nope.py' does not exist"),
-    (["train", "--config", SMOKE, "--config.data.source=mnist_idx", "--config.data.path=/no/such/dir"],
-     "/no/such/dir"),
+    (
+      ["train", "--config", SMOKE, "--config.data.source=mnist_idx", "--config.data.path=/no/such/dir"],
+      "/no/such/dir",
+    ),
     (["train", "--config", SMOKE, "--config.sample.num_steps=500", "--config.sample.every=1"], "num_steps"),
     (["sample", "--workdir", "/no/such/workdir"], "has no config.json"),
-])
+  ],
+)
 def test_train_and_workdir_bad_inputs(tmp_path, capsys, argv, needle):
   argv = list(argv)
   if argv[0] == "train":
@@ -69,5 +114,6 @@ def test_train_and_workdir_bad_inputs(tmp_path, capsys, argv, needle):
 
 def test_image_of_wrong_rank_is_a_clear_error():
   from diffjax.data import validate_images
+
   with pytest.raises(ValueError, match=r"images must have rank 4"):
     validate_images(np.zeros((10, 28, 28), np.uint8))

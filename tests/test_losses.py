@@ -32,7 +32,7 @@ def test_prior_kl_matches_formula():
 
 
 def _grid_data(n=8):
-  key = jax.random.key(0)
+  jax.random.key(0)
   x = jnp.clip(0.3 + 0.5 * jax.random.normal(jax.random.key(99), (n, 4, 4, 1)), -1, 1)
   return jnp.round((x + 1) * 127.5) / 127.5 - 1
 
@@ -40,9 +40,17 @@ def _grid_data(n=8):
 def test_stochastic_bound_is_unbiased_estimate_of_exact():
   mf = exact_model_fn(S)
   x0 = _grid_data()
-  exact = losses.nll_bits_per_dim(model_fn=mf, params=None, schedule=S, x0=x0, cond=None, key=jax.random.key(1))
-  est = jnp.stack([losses.nll_bits_per_dim(model_fn=mf, params=None, schedule=S, x0=x0, cond=None,
-                                           key=jax.random.key(k), num_t_samples=10)["bpd"] for k in range(40)])
+  exact = losses.nll_bits_per_dim(
+    model_fn=mf, params=None, schedule=S, x0=x0, cond=None, key=jax.random.key(1)
+  )
+  est = jnp.stack(
+    [
+      losses.nll_bits_per_dim(
+        model_fn=mf, params=None, schedule=S, x0=x0, cond=None, key=jax.random.key(k), num_t_samples=10
+      )["bpd"]
+      for k in range(40)
+    ]
+  )
   assert np.all(np.isfinite(exact["bpd"]))
   per_draw = est.mean(axis=1)
   stderr = float(per_draw.std()) / np.sqrt(per_draw.shape[0])

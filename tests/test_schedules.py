@@ -52,8 +52,10 @@ def test_posterior_tables_closed_form():
   assert np.all(np.isfinite(s.posterior_log_variance_clipped))
 
 
-@pytest.mark.parametrize("bad", [dict(kind="quadratic"), dict(num_timesteps=1), dict(num_timesteps=2.5),
-                                 dict(kind="linear", beta_end=2.0)])
+@pytest.mark.parametrize(
+  "bad",
+  [dict(kind="quadratic"), dict(num_timesteps=1), dict(num_timesteps=2.5), dict(kind="linear", beta_end=2.0)],
+)
 def test_bad_arguments(bad):
   kind = bad.pop("kind", "linear")
   with pytest.raises(ValueError, match="kind|num_timesteps|beta"):

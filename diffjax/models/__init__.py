@@ -8,16 +8,16 @@ from diffjax.models.unet import UNet
 from diffjax.models.unet_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D
 
 __all__ = [
-    "AttentionBlock",
-    "DownBlock2D",
-    "Downsample2D",
-    "ResnetBlock2D",
-    "TimestepEmbedding",
-    "UNet",
-    "UNetMidBlock2D",
-    "UpBlock2D",
-    "Upsample2D",
-    "count_params",
-    "dot_product_attention",
-    "get_timestep_embedding",
+  "AttentionBlock",
+  "DownBlock2D",
+  "Downsample2D",
+  "ResnetBlock2D",
+  "TimestepEmbedding",
+  "UNet",
+  "UNetMidBlock2D",
+  "UpBlock2D",
+  "Upsample2D",
+  "count_params",
+  "dot_product_attention",
+  "get_timestep_embedding",
 ]

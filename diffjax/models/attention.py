@@ -26,89 +26,82 @@ AttentionFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
 def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
-    """Multi-head scaled dot-product attention, ``softmax(q k^T / sqrt(d)) v``.
+  """Multi-head scaled dot-product attention, ``softmax(q k^T / sqrt(d)) v``.
 
-    Logits and softmax are computed in float32 (diffusers ``upcast_softmax``),
-    the result is cast back to ``q.dtype``.
+  Logits and softmax are computed in float32 (diffusers ``upcast_softmax``),
+  the result is cast back to ``q.dtype``.
 
-    Args:
-        q: ``[B, L, heads, d]`` queries.
-        k: ``[B, S, heads, d]`` keys.
-        v: ``[B, S, heads, d]`` values.
+  Args:
+      q: ``[B, L, heads, d]`` queries.
+      k: ``[B, S, heads, d]`` keys.
+      v: ``[B, S, heads, d]`` values.
 
-    Returns:
-        ``[B, L, heads, d]`` attended values.
+  Returns:
+      ``[B, L, heads, d]`` attended values.
 
-    Raises:
-        ValueError: If the shapes are inconsistent.
-    """
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(
-            f"q, k, v must be [B, L, heads, d]; got {q.shape}, {k.shape}, {v.shape}"
-        )
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"incompatible q/k/v shapes: {q.shape}, {k.shape}, {v.shape}")
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum(
-        "blhd,bshd->bhls", q.astype(jnp.float32), k.astype(jnp.float32)
-    ) * scale
-    weights = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhls,bshd->blhd", weights, v.astype(jnp.float32))
-    return out.astype(q.dtype)
+  Raises:
+      ValueError: If the shapes are inconsistent.
+  """
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be [B, L, heads, d]; got {q.shape}, {k.shape}, {v.shape}")
+  if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+    raise ValueError(f"incompatible q/k/v shapes: {q.shape}, {k.shape}, {v.shape}")
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("blhd,bshd->bhls", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+  weights = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bhls,bshd->blhd", weights, v.astype(jnp.float32))
+  return out.astype(q.dtype)
 
 
 class AttentionBlock(nn.Module):
-    """Residual multi-head self-attention over the spatial positions.
+  """Residual multi-head self-attention over the spatial positions.
 
-    ``out = x + to_out_0(attn(to_q(n), to_k(n), to_v(n)))`` with
-    ``n = group_norm(x)`` flattened to ``[B, H*W, C]``.
+  ``out = x + to_out_0(attn(to_q(n), to_k(n), to_v(n)))`` with
+  ``n = group_norm(x)`` flattened to ``[B, H*W, C]``.
 
-    Attributes:
-        attention_head_dim: Channels per head (diffusers ``attention_head_dim``);
-            ``heads = C // attention_head_dim``.
-        norm_num_groups: GroupNorm groups.
-        norm_eps: GroupNorm epsilon.
-        dtype: Compute dtype; parameters stay float32.
-        attention_fn: Attention core with the signature of
-            :func:`dot_product_attention`.
+  Attributes:
+      attention_head_dim: Channels per head (diffusers ``attention_head_dim``);
+          ``heads = C // attention_head_dim``.
+      norm_num_groups: GroupNorm groups.
+      norm_eps: GroupNorm epsilon.
+      dtype: Compute dtype; parameters stay float32.
+      attention_fn: Attention core with the signature of
+          :func:`dot_product_attention`.
+  """
+
+  attention_head_dim: int = 8
+  norm_num_groups: int = 32
+  norm_eps: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+  attention_fn: AttentionFn = dot_product_attention
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """Applies self-attention.
+
+    Args:
+        x: ``[B, H, W, C]`` with ``C % attention_head_dim == 0``.
+
+    Returns:
+        ``[B, H, W, C]``.
+
+    Raises:
+        ValueError: If ``C`` is not divisible by ``attention_head_dim``.
     """
+    b, h, w, c = x.shape
+    if c % self.attention_head_dim != 0:
+      raise ValueError(f"channels ({c}) must be divisible by attention_head_dim ({self.attention_head_dim})")
+    heads = c // self.attention_head_dim
 
-    attention_head_dim: int = 8
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    dtype: jnp.dtype = jnp.float32
-    attention_fn: AttentionFn = dot_product_attention
+    n = group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "group_norm")(x)
+    n = n.reshape(b, h * w, c)
+    q = nn.Dense(c, dtype=self.dtype, name="to_q")(n)
+    k = nn.Dense(c, dtype=self.dtype, name="to_k")(n)
+    v = nn.Dense(c, dtype=self.dtype, name="to_v")(n)
 
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        """Applies self-attention.
+    def split(t: jnp.ndarray) -> jnp.ndarray:
+      return t.reshape(b, h * w, heads, self.attention_head_dim)
 
-        Args:
-            x: ``[B, H, W, C]`` with ``C % attention_head_dim == 0``.
-
-        Returns:
-            ``[B, H, W, C]``.
-
-        Raises:
-            ValueError: If ``C`` is not divisible by ``attention_head_dim``.
-        """
-        b, h, w, c = x.shape
-        if c % self.attention_head_dim != 0:
-            raise ValueError(
-                f"channels ({c}) must be divisible by attention_head_dim "
-                f"({self.attention_head_dim})"
-            )
-        heads = c // self.attention_head_dim
-
-        n = group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "group_norm")(x)
-        n = n.reshape(b, h * w, c)
-        q = nn.Dense(c, dtype=self.dtype, name="to_q")(n)
-        k = nn.Dense(c, dtype=self.dtype, name="to_k")(n)
-        v = nn.Dense(c, dtype=self.dtype, name="to_v")(n)
-
-        def split(t: jnp.ndarray) -> jnp.ndarray:
-            return t.reshape(b, h * w, heads, self.attention_head_dim)
-
-        out = self.attention_fn(split(q), split(k), split(v)).reshape(b, h * w, c)
-        out = nn.Dense(c, dtype=self.dtype, name="to_out_0")(out)
-        return x + out.reshape(b, h, w, c).astype(x.dtype)
+    out = self.attention_fn(split(q), split(k), split(v)).reshape(b, h * w, c)
+    out = nn.Dense(c, dtype=self.dtype, name="to_out_0")(out)
+    return x + out.reshape(b, h, w, c).astype(x.dtype)

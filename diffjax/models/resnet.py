@@ -22,131 +22,128 @@ PAD1 = ((1, 1), (1, 1))
 
 
 def group_norm(num_groups: int, eps: float, dtype: jnp.dtype, name: str) -> nn.GroupNorm:
-    """GroupNorm matching ``torch.nn.GroupNorm(num_groups, C, eps)``.
+  """GroupNorm matching ``torch.nn.GroupNorm(num_groups, C, eps)``.
 
-    Statistics are reduced in float32 with the two-pass variance for accuracy.
+  Statistics are reduced in float32 with the two-pass variance for accuracy.
 
-    Args:
-        num_groups: Number of channel groups.
-        eps: Variance epsilon.
-        dtype: Compute dtype of the output.
-        name: Submodule name.
+  Args:
+      num_groups: Number of channel groups.
+      eps: Variance epsilon.
+      dtype: Compute dtype of the output.
+      name: Submodule name.
 
-    Returns:
-        An unbound ``nn.GroupNorm``.
-    """
-    return nn.GroupNorm(
-        num_groups=num_groups,
-        epsilon=eps,
-        dtype=dtype,
-        use_fast_variance=False,
-        name=name,
-    )
+  Returns:
+      An unbound ``nn.GroupNorm``.
+  """
+  return nn.GroupNorm(
+    num_groups=num_groups,
+    epsilon=eps,
+    dtype=dtype,
+    use_fast_variance=False,
+    name=name,
+  )
 
 
 def conv3x3(features: int, dtype: jnp.dtype, name: str, strides: int = 1) -> nn.Conv:
-    """3x3 convolution with PyTorch-style ``padding=1``."""
-    return nn.Conv(features, (3, 3), strides=strides, padding=PAD1, dtype=dtype, name=name)
+  """3x3 convolution with PyTorch-style ``padding=1``."""
+  return nn.Conv(features, (3, 3), strides=strides, padding=PAD1, dtype=dtype, name=name)
 
 
 class ResnetBlock2D(nn.Module):
-    """Time-conditioned residual block.
+  """Time-conditioned residual block.
 
-    ``h = conv1(silu(norm1(x))) + Dense(silu(temb))[:, None, None, :]``;
-    ``h = conv2(dropout(silu(norm2(h))))``; ``out = shortcut(x) + h`` where the
-    shortcut is a 1x1 conv when the channel count changes.
+  ``h = conv1(silu(norm1(x))) + Dense(silu(temb))[:, None, None, :]``;
+  ``h = conv2(dropout(silu(norm2(h))))``; ``out = shortcut(x) + h`` where the
+  shortcut is a 1x1 conv when the channel count changes.
 
-    Attributes:
-        out_channels: Output channels ``C_out``.
-        norm_num_groups: GroupNorm groups (must divide both in/out channels).
-        norm_eps: GroupNorm epsilon.
-        dropout: Dropout rate before ``conv2`` (active only when ``train``).
-        dtype: Compute dtype; parameters stay float32.
+  Attributes:
+      out_channels: Output channels ``C_out``.
+      norm_num_groups: GroupNorm groups (must divide both in/out channels).
+      norm_eps: GroupNorm epsilon.
+      dropout: Dropout rate before ``conv2`` (active only when ``train``).
+      dtype: Compute dtype; parameters stay float32.
+  """
+
+  out_channels: int
+  norm_num_groups: int = 32
+  norm_eps: float = 1e-5
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+    """Applies the block.
+
+    Args:
+        x: ``[B, H, W, C_in]`` feature map.
+        temb: ``[B, E]`` time (+ class) embedding.
+        train: Enables dropout (needs the ``'dropout'`` rng).
+
+    Returns:
+        ``[B, H, W, C_out]`` feature map.
     """
+    h = group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "norm1")(x)
+    h = nn.silu(h)
+    h = conv3x3(self.out_channels, self.dtype, "conv1")(h)
 
-    out_channels: int
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
-    dtype: jnp.dtype = jnp.float32
+    t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+    h = h + t[:, None, None, :]
 
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
-        """Applies the block.
+    h = group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "norm2")(h)
+    h = nn.silu(h)
+    h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
+    h = conv3x3(self.out_channels, self.dtype, "conv2")(h)
 
-        Args:
-            x: ``[B, H, W, C_in]`` feature map.
-            temb: ``[B, E]`` time (+ class) embedding.
-            train: Enables dropout (needs the ``'dropout'`` rng).
-
-        Returns:
-            ``[B, H, W, C_out]`` feature map.
-        """
-        h = group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "norm1")(x)
-        h = nn.silu(h)
-        h = conv3x3(self.out_channels, self.dtype, "conv1")(h)
-
-        t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
-        h = h + t[:, None, None, :]
-
-        h = group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "norm2")(h)
-        h = nn.silu(h)
-        h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
-        h = conv3x3(self.out_channels, self.dtype, "conv2")(h)
-
-        if x.shape[-1] != self.out_channels:
-            x = nn.Conv(
-                self.out_channels, (1, 1), padding="VALID", dtype=self.dtype, name="conv_shortcut"
-            )(x)
-        return x + h
+    if x.shape[-1] != self.out_channels:
+      x = nn.Conv(self.out_channels, (1, 1), padding="VALID", dtype=self.dtype, name="conv_shortcut")(x)
+    return x + h
 
 
 class Downsample2D(nn.Module):
-    """Strided 3x3 conv halving H and W (``ceil(H / 2)`` for odd sizes).
+  """Strided 3x3 conv halving H and W (``ceil(H / 2)`` for odd sizes).
 
-    Attributes:
-        out_channels: Output channels.
-        dtype: Compute dtype.
+  Attributes:
+      out_channels: Output channels.
+      dtype: Compute dtype.
+  """
+
+  out_channels: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """Downsamples.
+
+    Args:
+        x: ``[B, H, W, C]``.
+
+    Returns:
+        ``[B, ceil(H/2), ceil(W/2), out_channels]``.
     """
-
-    out_channels: int
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        """Downsamples.
-
-        Args:
-            x: ``[B, H, W, C]``.
-
-        Returns:
-            ``[B, ceil(H/2), ceil(W/2), out_channels]``.
-        """
-        return conv3x3(self.out_channels, self.dtype, "conv", strides=2)(x)
+    return conv3x3(self.out_channels, self.dtype, "conv", strides=2)(x)
 
 
 class Upsample2D(nn.Module):
-    """Nearest-neighbour x2 upsampling followed by a 3x3 conv.
+  """Nearest-neighbour x2 upsampling followed by a 3x3 conv.
 
-    Attributes:
-        out_channels: Output channels.
-        dtype: Compute dtype.
+  Attributes:
+      out_channels: Output channels.
+      dtype: Compute dtype.
+  """
+
+  out_channels: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """Upsamples.
+
+    Args:
+        x: ``[B, H, W, C]``.
+
+    Returns:
+        ``[B, 2H, 2W, out_channels]``.
     """
-
-    out_channels: int
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        """Upsamples.
-
-        Args:
-            x: ``[B, H, W, C]``.
-
-        Returns:
-            ``[B, 2H, 2W, out_channels]``.
-        """
-        # Nearest x2 == torch.nn.functional.interpolate(scale_factor=2, mode="nearest").
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return conv3x3(self.out_channels, self.dtype, "conv")(x)
-
+    # Nearest x2 == torch.nn.functional.interpolate(scale_factor=2, mode="nearest").
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return conv3x3(self.out_channels, self.dtype, "conv")(x)

@@ -21,206 +21,206 @@ __all__ = ["DownBlock2D", "UNetMidBlock2D", "UpBlock2D"]
 
 
 class DownBlock2D(nn.Module):
-    """``num_layers`` ResNet blocks (each optionally followed by attention),
-    then an optional strided-conv downsampler.
+  """``num_layers`` ResNet blocks (each optionally followed by attention),
+  then an optional strided-conv downsampler.
 
-    With ``add_attention=True`` this is diffusers' ``AttnDownBlock2D``,
-    otherwise ``DownBlock2D``.
+  With ``add_attention=True`` this is diffusers' ``AttnDownBlock2D``,
+  otherwise ``DownBlock2D``.
 
-    Attributes:
-        out_channels: Channels of every ResNet in the block.
-        num_layers: Number of ResNet blocks (``layers_per_block``).
-        add_attention: Insert an :class:`AttentionBlock` after each ResNet.
-        add_downsample: Append a :class:`Downsample2D` (all but the last level).
-        attention_head_dim: Channels per attention head.
-        norm_num_groups: GroupNorm groups.
-        norm_eps: GroupNorm epsilon.
-        dropout: ResNet dropout rate.
-        dtype: Compute dtype.
+  Attributes:
+      out_channels: Channels of every ResNet in the block.
+      num_layers: Number of ResNet blocks (``layers_per_block``).
+      add_attention: Insert an :class:`AttentionBlock` after each ResNet.
+      add_downsample: Append a :class:`Downsample2D` (all but the last level).
+      attention_head_dim: Channels per attention head.
+      norm_num_groups: GroupNorm groups.
+      norm_eps: GroupNorm epsilon.
+      dropout: ResNet dropout rate.
+      dtype: Compute dtype.
+  """
+
+  out_channels: int
+  num_layers: int = 2
+  add_attention: bool = False
+  add_downsample: bool = True
+  attention_head_dim: int = 8
+  norm_num_groups: int = 32
+  norm_eps: float = 1e-5
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self, x: jnp.ndarray, temb: jnp.ndarray, *, train: bool = False
+  ) -> tuple[jnp.ndarray, tuple[jnp.ndarray, ...]]:
+    """Applies the block.
+
+    Args:
+        x: ``[B, H, W, C_in]``.
+        temb: ``[B, E]`` time (+ class) embedding.
+        train: Enables dropout.
+
+    Returns:
+        ``(y, skips)``: ``y`` is ``[B, H', W', out_channels]`` (``H' = ceil(H/2)``
+        if downsampling), ``skips`` holds the output of every ResNet(+attention)
+        and of the downsampler, in order, for the up path.
     """
-
-    out_channels: int
-    num_layers: int = 2
-    add_attention: bool = False
-    add_downsample: bool = True
-    attention_head_dim: int = 8
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(
-        self, x: jnp.ndarray, temb: jnp.ndarray, *, train: bool = False
-    ) -> tuple[jnp.ndarray, tuple[jnp.ndarray, ...]]:
-        """Applies the block.
-
-        Args:
-            x: ``[B, H, W, C_in]``.
-            temb: ``[B, E]`` time (+ class) embedding.
-            train: Enables dropout.
-
-        Returns:
-            ``(y, skips)``: ``y`` is ``[B, H', W', out_channels]`` (``H' = ceil(H/2)``
-            if downsampling), ``skips`` holds the output of every ResNet(+attention)
-            and of the downsampler, in order, for the up path.
-        """
-        skips = []
-        for i in range(self.num_layers):
-            x = ResnetBlock2D(
-                self.out_channels,
-                norm_num_groups=self.norm_num_groups,
-                norm_eps=self.norm_eps,
-                dropout=self.dropout,
-                dtype=self.dtype,
-                name=f"resnets_{i}",
-            )(x, temb, train=train)
-            if self.add_attention:
-                x = AttentionBlock(
-                    attention_head_dim=self.attention_head_dim,
-                    norm_num_groups=self.norm_num_groups,
-                    norm_eps=self.norm_eps,
-                    dtype=self.dtype,
-                    name=f"attentions_{i}",
-                )(x)
-            skips.append(x)
-        if self.add_downsample:
-            x = Downsample2D(self.out_channels, dtype=self.dtype, name="downsamplers_0")(x)
-            skips.append(x)
-        return x, tuple(skips)
+    skips = []
+    for i in range(self.num_layers):
+      x = ResnetBlock2D(
+        self.out_channels,
+        norm_num_groups=self.norm_num_groups,
+        norm_eps=self.norm_eps,
+        dropout=self.dropout,
+        dtype=self.dtype,
+        name=f"resnets_{i}",
+      )(x, temb, train=train)
+      if self.add_attention:
+        x = AttentionBlock(
+          attention_head_dim=self.attention_head_dim,
+          norm_num_groups=self.norm_num_groups,
+          norm_eps=self.norm_eps,
+          dtype=self.dtype,
+          name=f"attentions_{i}",
+        )(x)
+      skips.append(x)
+    if self.add_downsample:
+      x = Downsample2D(self.out_channels, dtype=self.dtype, name="downsamplers_0")(x)
+      skips.append(x)
+    return x, tuple(skips)
 
 
 class UNetMidBlock2D(nn.Module):
-    """Bottleneck: ResNet -> attention -> ResNet (diffusers ``UNetMidBlock2D``).
+  """Bottleneck: ResNet -> attention -> ResNet (diffusers ``UNetMidBlock2D``).
 
-    Attributes:
-        attention_head_dim: Channels per attention head.
-        norm_num_groups: GroupNorm groups.
-        norm_eps: GroupNorm epsilon.
-        dropout: ResNet dropout rate.
-        dtype: Compute dtype.
+  Attributes:
+      attention_head_dim: Channels per attention head.
+      norm_num_groups: GroupNorm groups.
+      norm_eps: GroupNorm epsilon.
+      dropout: ResNet dropout rate.
+      dtype: Compute dtype.
+  """
+
+  attention_head_dim: int = 8
+  norm_num_groups: int = 32
+  norm_eps: float = 1e-5
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+    """Applies the block.
+
+    Args:
+        x: ``[B, H, W, C]``.
+        temb: ``[B, E]``.
+        train: Enables dropout.
+
+    Returns:
+        ``[B, H, W, C]``.
     """
-
-    attention_head_dim: int = 8
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
-        """Applies the block.
-
-        Args:
-            x: ``[B, H, W, C]``.
-            temb: ``[B, E]``.
-            train: Enables dropout.
-
-        Returns:
-            ``[B, H, W, C]``.
-        """
-        c = x.shape[-1]
-        kw = dict(
-            norm_num_groups=self.norm_num_groups,
-            norm_eps=self.norm_eps,
-            dropout=self.dropout,
-            dtype=self.dtype,
-        )
-        x = ResnetBlock2D(c, name="resnets_0", **kw)(x, temb, train=train)
-        x = AttentionBlock(
-            attention_head_dim=self.attention_head_dim,
-            norm_num_groups=self.norm_num_groups,
-            norm_eps=self.norm_eps,
-            dtype=self.dtype,
-            name="attentions_0",
-        )(x)
-        return ResnetBlock2D(c, name="resnets_1", **kw)(x, temb, train=train)
+    c = x.shape[-1]
+    kw = dict(
+      norm_num_groups=self.norm_num_groups,
+      norm_eps=self.norm_eps,
+      dropout=self.dropout,
+      dtype=self.dtype,
+    )
+    x = ResnetBlock2D(c, name="resnets_0", **kw)(x, temb, train=train)
+    x = AttentionBlock(
+      attention_head_dim=self.attention_head_dim,
+      norm_num_groups=self.norm_num_groups,
+      norm_eps=self.norm_eps,
+      dtype=self.dtype,
+      name="attentions_0",
+    )(x)
+    return ResnetBlock2D(c, name="resnets_1", **kw)(x, temb, train=train)
 
 
 class UpBlock2D(nn.Module):
-    """``num_layers`` ResNet blocks on ``concat([x, skip])`` (each optionally
-    followed by attention), then an optional nearest-x2 + conv upsampler.
+  """``num_layers`` ResNet blocks on ``concat([x, skip])`` (each optionally
+  followed by attention), then an optional nearest-x2 + conv upsampler.
 
-    With ``add_attention=True`` this is diffusers' ``AttnUpBlock2D``, otherwise
-    ``UpBlock2D``. ``num_layers`` is ``layers_per_block + 1`` in the U-Net.
+  With ``add_attention=True`` this is diffusers' ``AttnUpBlock2D``, otherwise
+  ``UpBlock2D``. ``num_layers`` is ``layers_per_block + 1`` in the U-Net.
 
-    Attributes:
-        out_channels: Channels of every ResNet in the block.
-        num_layers: Number of ResNet blocks (= number of skips consumed).
-        add_attention: Insert an :class:`AttentionBlock` after each ResNet.
-        add_upsample: Append an :class:`Upsample2D` (all but the last up block).
-        attention_head_dim: Channels per attention head.
-        norm_num_groups: GroupNorm groups.
-        norm_eps: GroupNorm epsilon.
-        dropout: ResNet dropout rate.
-        dtype: Compute dtype.
+  Attributes:
+      out_channels: Channels of every ResNet in the block.
+      num_layers: Number of ResNet blocks (= number of skips consumed).
+      add_attention: Insert an :class:`AttentionBlock` after each ResNet.
+      add_upsample: Append an :class:`Upsample2D` (all but the last up block).
+      attention_head_dim: Channels per attention head.
+      norm_num_groups: GroupNorm groups.
+      norm_eps: GroupNorm epsilon.
+      dropout: ResNet dropout rate.
+      dtype: Compute dtype.
+  """
+
+  out_channels: int
+  num_layers: int = 3
+  add_attention: bool = False
+  add_upsample: bool = True
+  attention_head_dim: int = 8
+  norm_num_groups: int = 32
+  norm_eps: float = 1e-5
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    x: jnp.ndarray,
+    skips: Sequence[jnp.ndarray],
+    temb: jnp.ndarray,
+    *,
+    train: bool = False,
+  ) -> jnp.ndarray:
+    """Applies the block.
+
+    Args:
+        x: ``[B, H, W, C_prev]``.
+        skips: ``num_layers`` skip tensors ``[B, H, W, C_skip_i]``; they are
+            consumed from the end (last one first), as in diffusers.
+        temb: ``[B, E]``.
+        train: Enables dropout.
+
+    Returns:
+        ``[B, H, W, out_channels]``, or ``[B, 2H, 2W, out_channels]`` when
+        upsampling.
+
+    Raises:
+        ValueError: If the number of skips is wrong or a skip's spatial size
+            differs from ``x`` (input size not divisible by the total
+            downsampling factor).
     """
-
-    out_channels: int
-    num_layers: int = 3
-    add_attention: bool = False
-    add_upsample: bool = True
-    attention_head_dim: int = 8
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(
-        self,
-        x: jnp.ndarray,
-        skips: Sequence[jnp.ndarray],
-        temb: jnp.ndarray,
-        *,
-        train: bool = False,
-    ) -> jnp.ndarray:
-        """Applies the block.
-
-        Args:
-            x: ``[B, H, W, C_prev]``.
-            skips: ``num_layers`` skip tensors ``[B, H, W, C_skip_i]``; they are
-                consumed from the end (last one first), as in diffusers.
-            temb: ``[B, E]``.
-            train: Enables dropout.
-
-        Returns:
-            ``[B, H, W, out_channels]``, or ``[B, 2H, 2W, out_channels]`` when
-            upsampling.
-
-        Raises:
-            ValueError: If the number of skips is wrong or a skip's spatial size
-                differs from ``x`` (input size not divisible by the total
-                downsampling factor).
-        """
-        skips = list(skips)
-        if len(skips) != self.num_layers:
-            raise ValueError(f"expected {self.num_layers} skip tensors, got {len(skips)}")
-        for i in range(self.num_layers):
-            skip = skips.pop()
-            if skip.shape[1:3] != x.shape[1:3]:
-                raise ValueError(
-                    f"spatial size mismatch in up path: upsampled features have "
-                    f"{x.shape[1:3]} but the skip connection has {skip.shape[1:3]}; the "
-                    "input height and width must be divisible by 2**(levels-1)"
-                )
-            x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
-            x = ResnetBlock2D(
-                self.out_channels,
-                norm_num_groups=self.norm_num_groups,
-                norm_eps=self.norm_eps,
-                dropout=self.dropout,
-                dtype=self.dtype,
-                name=f"resnets_{i}",
-            )(x, temb, train=train)
-            if self.add_attention:
-                x = AttentionBlock(
-                    attention_head_dim=self.attention_head_dim,
-                    norm_num_groups=self.norm_num_groups,
-                    norm_eps=self.norm_eps,
-                    dtype=self.dtype,
-                    name=f"attentions_{i}",
-                )(x)
-        if self.add_upsample:
-            x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
-        return x
+    skips = list(skips)
+    if len(skips) != self.num_layers:
+      raise ValueError(f"expected {self.num_layers} skip tensors, got {len(skips)}")
+    for i in range(self.num_layers):
+      skip = skips.pop()
+      if skip.shape[1:3] != x.shape[1:3]:
+        raise ValueError(
+          f"spatial size mismatch in up path: upsampled features have "
+          f"{x.shape[1:3]} but the skip connection has {skip.shape[1:3]}; the "
+          "input height and width must be divisible by 2**(levels-1)"
+        )
+      x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
+      x = ResnetBlock2D(
+        self.out_channels,
+        norm_num_groups=self.norm_num_groups,
+        norm_eps=self.norm_eps,
+        dropout=self.dropout,
+        dtype=self.dtype,
+        name=f"resnets_{i}",
+      )(x, temb, train=train)
+      if self.add_attention:
+        x = AttentionBlock(
+          attention_head_dim=self.attention_head_dim,
+          norm_num_groups=self.norm_num_groups,
+          norm_eps=self.norm_eps,
+          dtype=self.dtype,
+          name=f"attentions_{i}",
+        )(x)
+    if self.add_upsample:
+      x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
+    return x

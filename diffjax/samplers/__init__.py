@@ -6,3 +6,15 @@ from diffjax.samplers.loop import reverse_loop
 from diffjax.samplers.timesteps import SPACINGS, make_timesteps
 
 SAMPLERS = ("ddpm", "ddim")
+
+__all__ = [
+  "SAMPLERS",
+  "SPACINGS",
+  "ddim_sample",
+  "ddim_sigma",
+  "ddim_step",
+  "ddpm_sample",
+  "ddpm_step",
+  "make_timesteps",
+  "reverse_loop",
+]

@@ -25,8 +25,20 @@ def ddim_sigma(*, ab_t, ab_prev, eta):
   return eta * jnp.sqrt((1.0 - ab_prev) / (1.0 - ab_t)) * jnp.sqrt(jnp.maximum(1.0 - ab_t / ab_prev, 0.0))
 
 
-def ddim_step(*, model_fn: ModelFn, params, schedule: Schedule, x_t, t, t_prev, cond, key, eta=0.0,
-              prediction: str = "eps", clip_x0: float | None = 1.0):
+def ddim_step(
+  *,
+  model_fn: ModelFn,
+  params,
+  schedule: Schedule,
+  x_t,
+  t,
+  t_prev,
+  cond,
+  key,
+  eta=0.0,
+  prediction: str = "eps",
+  clip_x0: float | None = 1.0,
+):
   """One DDIM update from scalar timestep ``t`` to ``t_prev`` (``-1`` = clean).
 
   Args:
@@ -38,8 +50,9 @@ def ddim_step(*, model_fn: ModelFn, params, schedule: Schedule, x_t, t, t_prev, 
   B, nd = x_t.shape[0], x_t.ndim
   tb = jnp.full((B,), t, jnp.int32)
   out = model_fn(params, x_t, tb, cond).astype(x_t.dtype)
-  x0, eps = diffusion.to_x0_eps(schedule=schedule, prediction=prediction, x_t=x_t, t=tb, output=out,
-                                clip_x0=clip_x0)
+  x0, eps = diffusion.to_x0_eps(
+    schedule=schedule, prediction=prediction, x_t=x_t, t=tb, output=out, clip_x0=clip_x0
+  )
   ab_t = alpha_bar_at(schedule.alphas_cumprod, t)
   ab_prev = alpha_bar_at(schedule.alphas_cumprod, t_prev)
   eta = jnp.asarray(eta, x_t.dtype)
@@ -50,9 +63,20 @@ def ddim_step(*, model_fn: ModelFn, params, schedule: Schedule, x_t, t, t_prev, 
   return jnp.sqrt(ab_prev) * x0 + dir_xt + sigma * noise
 
 
-def ddim_sample(*, model_fn: ModelFn, params, schedule: Schedule, x_T: jnp.ndarray, key: jax.Array,
-                cond: Any = None, num_steps=50, eta=0.0, spacing: str = "uniform",
-                prediction: str = "eps", clip_x0: float | None = 1.0) -> jnp.ndarray:
+def ddim_sample(
+  *,
+  model_fn: ModelFn,
+  params,
+  schedule: Schedule,
+  x_T: jnp.ndarray,
+  key: jax.Array,
+  cond: Any = None,
+  num_steps=50,
+  eta=0.0,
+  spacing: str = "uniform",
+  prediction: str = "eps",
+  clip_x0: float | None = 1.0,
+) -> jnp.ndarray:
   """Samples with DDIM from noise ``x_T`` ``[B, H, W, C]``.
 
   ``num_steps`` (in [1, T]) and ``eta`` (scalar or ``[B]``) may be traced: changing them does not
@@ -61,7 +85,18 @@ def ddim_sample(*, model_fn: ModelFn, params, schedule: Schedule, x_T: jnp.ndarr
   ts = make_timesteps(num_timesteps=schedule.num_timesteps, num_steps=num_steps, spacing=spacing)
 
   def step_fn(x, t, t_prev, k):
-    return ddim_step(model_fn=model_fn, params=params, schedule=schedule, x_t=x, t=t, t_prev=t_prev,
-                     cond=cond, key=k, eta=eta, prediction=prediction, clip_x0=clip_x0)
+    return ddim_step(
+      model_fn=model_fn,
+      params=params,
+      schedule=schedule,
+      x_t=x,
+      t=t,
+      t_prev=t_prev,
+      cond=cond,
+      key=k,
+      eta=eta,
+      prediction=prediction,
+      clip_x0=clip_x0,
+    )
 
   return reverse_loop(step_fn=step_fn, x_T=x_T, timesteps=ts, num_steps=num_steps, key=key)

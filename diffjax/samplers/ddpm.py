@@ -17,30 +17,62 @@ from diffjax.samplers.loop import reverse_loop
 from diffjax.schedules import Schedule
 
 
-def ddpm_step(*, model_fn: ModelFn, params, schedule: Schedule, x_t, t, cond, key,
-              variance: str = "small", prediction: str = "eps", clip_x0: float | None = 1.0):
+def ddpm_step(
+  *,
+  model_fn: ModelFn,
+  params,
+  schedule: Schedule,
+  x_t,
+  t,
+  cond,
+  key,
+  variance: str = "small",
+  prediction: str = "eps",
+  clip_x0: float | None = 1.0,
+):
   """One ancestral step from scalar timestep ``t`` to ``t - 1``."""
   B, nd = x_t.shape[0], x_t.ndim
   tb = jnp.full((B,), t, jnp.int32)
   out = model_fn(params, x_t, tb, cond).astype(x_t.dtype)
-  x0, _ = diffusion.to_x0_eps(schedule=schedule, prediction=prediction, x_t=x_t, t=tb, output=out,
-                              clip_x0=clip_x0)
+  x0, _ = diffusion.to_x0_eps(
+    schedule=schedule, prediction=prediction, x_t=x_t, t=tb, output=out, clip_x0=clip_x0
+  )
   mean, _, _ = diffusion.q_posterior(schedule=schedule, x0=x0, x_t=x_t, t=tb)
   logvar = reverse_log_variance(schedule=schedule, t=tb, ndim=nd, variance=variance)
   noise = jax.random.normal(key, x_t.shape, x_t.dtype)
   return mean + jnp.where(t > 0, jnp.exp(0.5 * logvar), 0.0) * noise
 
 
-def ddpm_sample(*, model_fn: ModelFn, params, schedule: Schedule, x_T: jnp.ndarray, key: jax.Array,
-                cond: Any = None, variance: str = "small", prediction: str = "eps",
-                clip_x0: float | None = 1.0) -> jnp.ndarray:
+def ddpm_sample(
+  *,
+  model_fn: ModelFn,
+  params,
+  schedule: Schedule,
+  x_T: jnp.ndarray,
+  key: jax.Array,
+  cond: Any = None,
+  variance: str = "small",
+  prediction: str = "eps",
+  clip_x0: float | None = 1.0,
+) -> jnp.ndarray:
   """Samples with T ancestral steps from noise ``x_T`` ``[B, H, W, C]``."""
   T = schedule.num_timesteps
 
   def step_fn(x, t, t_prev, k):
     del t_prev
-    return ddpm_step(model_fn=model_fn, params=params, schedule=schedule, x_t=x, t=t, cond=cond, key=k,
-                     variance=variance, prediction=prediction, clip_x0=clip_x0)
+    return ddpm_step(
+      model_fn=model_fn,
+      params=params,
+      schedule=schedule,
+      x_t=x,
+      t=t,
+      cond=cond,
+      key=k,
+      variance=variance,
+      prediction=prediction,
+      clip_x0=clip_x0,
+    )
 
-  return reverse_loop(step_fn=step_fn, x_T=x_T, timesteps=jnp.arange(T, dtype=jnp.int32), num_steps=T,
-                      key=key)
+  return reverse_loop(
+    step_fn=step_fn, x_T=x_T, timesteps=jnp.arange(T, dtype=jnp.int32), num_steps=T, key=key
+  )

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 StepFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, jax.Array], jnp.ndarray]
 
 
-def reverse_loop(*, step_fn: StepFn, x_T: jnp.ndarray, timesteps: jnp.ndarray, num_steps,
-                 key: jax.Array) -> jnp.ndarray:
+def reverse_loop(
+  *, step_fn: StepFn, x_T: jnp.ndarray, timesteps: jnp.ndarray, num_steps, key: jax.Array
+) -> jnp.ndarray:
   """Runs ``step_fn`` from ``timesteps[num_steps - 1]`` down to ``timesteps[0]`` and then to -1."""
   n = jnp.asarray(num_steps, jnp.int32)
 

@@ -26,8 +26,14 @@ def build_schedule(config: ml_collections.ConfigDict) -> Schedule:
 
 def build_optimizer(config: ml_collections.ConfigDict):
   t = config.training
-  return make_optimizer(learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, total_steps=t.num_steps,
-                        decay=t.lr_decay, weight_decay=t.weight_decay, grad_clip=t.grad_clip)
+  return make_optimizer(
+    learning_rate=t.learning_rate,
+    warmup_steps=t.warmup_steps,
+    total_steps=t.num_steps,
+    decay=t.lr_decay,
+    weight_decay=t.weight_decay,
+    grad_clip=t.grad_clip,
+  )
 
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:

@@ -39,8 +39,16 @@ def make_eval_bpd(*, model, schedule, prediction: str, num_t_samples: int | None
 
   @jax.jit
   def eval_bpd(params, images, labels, key):
-    return nll_bits_per_dim(model_fn=model_fn, params=params, schedule=schedule, x0=images, cond=labels,
-                            key=key, prediction=prediction, num_t_samples=num_t_samples)["bpd"]
+    return nll_bits_per_dim(
+      model_fn=model_fn,
+      params=params,
+      schedule=schedule,
+      x0=images,
+      cond=labels,
+      key=key,
+      prediction=prediction,
+      num_t_samples=num_t_samples,
+    )["bpd"]
 
   return eval_bpd
 
@@ -52,14 +60,19 @@ def _sample_labels(num_classes: int | None, n: int) -> np.ndarray:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
   """Trains (or resumes) the configured model in ``workdir``; returns the last logged metrics."""
   dist = config.distributed
-  parallel.maybe_initialize_distributed(enabled=dist.initialize, coordinator_address=dist.coordinator_address,
-                                        num_processes=dist.num_processes, process_id=dist.process_id)
+  parallel.maybe_initialize_distributed(
+    enabled=dist.initialize,
+    coordinator_address=dist.coordinator_address,
+    num_processes=dist.num_processes,
+    process_id=dist.process_id,
+  )
   t_cfg = config.training
   mesh = parallel.make_mesh(config.mesh.num_devices)
   parallel.check_batch_size(t_cfg.batch_size, mesh)
   if t_cfg.batch_size % jax.process_count():
-    raise ValueError(f"batch_size={t_cfg.batch_size} must be divisible by the process count "
-                     f"({jax.process_count()})")
+    raise ValueError(
+      f"batch_size={t_cfg.batch_size} must be divisible by the process count ({jax.process_count()})"
+    )
   is_main = jax.process_index() == 0
   if is_main:
     write_config(workdir, config)
@@ -76,8 +89,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     return create_train_state(params=builders.init_params(model, key=key, shape=shape), tx=tx)
 
   state = jax.jit(init, out_shardings=rep)(jax.random.fold_in(root, _INIT))
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=t_cfg.keep_checkpoints,
-                      save_interval_steps=t_cfg.checkpoint_every)
+  ckpt = Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    max_to_keep=t_cfg.keep_checkpoints,
+    save_interval_steps=t_cfg.checkpoint_every,
+  )
   start = 0
   if ckpt.latest_step() is not None:
     state = ckpt.restore(state)
@@ -85,19 +101,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   log = MetricsLog(workdir, resume_step=start)
 
   d_cfg = config.diffusion
-  step_fn = compile_train_step(make_train_step(
-      model=model, schedule=schedule, tx=tx, prediction=d_cfg.prediction, weighting=d_cfg.weighting,
-      min_snr_gamma=d_cfg.min_snr_gamma, cond_drop_prob=t_cfg.cond_drop_prob, ema_decay=t_cfg.ema_decay,
-      class_conditional=model.num_classes is not None), mesh)
+  step_fn = compile_train_step(
+    make_train_step(
+      model=model,
+      schedule=schedule,
+      tx=tx,
+      prediction=d_cfg.prediction,
+      weighting=d_cfg.weighting,
+      min_snr_gamma=d_cfg.min_snr_gamma,
+      cond_drop_prob=t_cfg.cond_drop_prob,
+      ema_decay=t_cfg.ema_decay,
+      class_conditional=model.num_classes is not None,
+    ),
+    mesh,
+  )
   train_key = jax.device_put(jax.random.fold_in(root, _TRAIN), rep)
 
   s_cfg = config.sample
   if s_cfg.sampler == "ddim":
     check_num_steps(s_cfg.num_steps, schedule.num_timesteps)
-  generate = make_generate(model=model, schedule=schedule, image_shape=shape, sampler=s_cfg.sampler,
-                           prediction=d_cfg.prediction, spacing=s_cfg.spacing)
-  eval_bpd = make_eval_bpd(model=model, schedule=schedule, prediction=d_cfg.prediction,
-                           num_t_samples=config.eval.num_t_samples)
+  generate = make_generate(
+    model=model,
+    schedule=schedule,
+    image_shape=shape,
+    sampler=s_cfg.sampler,
+    prediction=d_cfg.prediction,
+    spacing=s_cfg.spacing,
+  )
+  eval_bpd = make_eval_bpd(
+    model=model, schedule=schedule, prediction=d_cfg.prediction, num_t_samples=config.eval.num_t_samples
+  )
   n_eval = min(config.eval.num_examples, len(heldout_ds))
   eval_images = jnp.asarray(to_model_range(heldout_ds.images[:n_eval]))
   eval_labels = None if model.num_classes is None else jnp.asarray(heldout_ds.labels[:n_eval])
@@ -108,24 +141,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
 
   def sample_grid(step: int) -> str:
     labels = _sample_labels(model.num_classes, s_cfg.num)
-    imgs = generate(state.ema_params, jax.random.fold_in(root, _SAMPLE), labels, num_steps=s_cfg.num_steps,
-                    guidance=s_cfg.guidance, eta=s_cfg.eta)
+    imgs = generate(
+      state.ema_params,
+      jax.random.fold_in(root, _SAMPLE),
+      labels,
+      num_steps=s_cfg.num_steps,
+      guidance=s_cfg.guidance,
+      eta=s_cfg.eta,
+    )
     path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
     if is_main:
-      save_image_grid(to_uint8(np.asarray(jax.device_get(imgs))), path,
-                      nrow=model.num_classes or None)
+      save_image_grid(to_uint8(np.asarray(jax.device_get(imgs))), path, nrow=model.num_classes or None)
     return path
 
   num_steps = t_cfg.num_steps
   last: dict = {}
   if start == 0 and config.eval.every and is_main:
     log.write(evaluate(0))
-  bar = tqdm(total=num_steps, initial=start, desc="train", disable=not (progress and is_main),
-             dynamic_ncols=True)
+  bar = tqdm(
+    total=num_steps, initial=start, desc="train", disable=not (progress and is_main), dynamic_ncols=True
+  )
   t_last, s_last = time.perf_counter(), start
   pending = []
-  with Prefetcher(train_ds, start_step=start, seed=config.seed, global_batch_size=t_cfg.batch_size,
-                  process_index=jax.process_index(), process_count=jax.process_count()) as batches:
+  with Prefetcher(
+    train_ds,
+    start_step=start,
+    seed=config.seed,
+    global_batch_size=t_cfg.batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  ) as batches:
     for step, local in batches:
       if step >= num_steps:
         break
@@ -138,9 +183,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
         pending = []
         rate = (done - s_last) / max(now - t_last, 1e-9)
         t_last, s_last = now, done
-        last = {"step": done, "loss": float(np.mean([v["loss"] for v in vals])),
-                "grad_norm": float(np.mean([v["grad_norm"] for v in vals])),
-                "skipped": int(vals[-1]["skipped"]), "steps_per_sec": rate}
+        last = {
+          "step": done,
+          "loss": float(np.mean([v["loss"] for v in vals])),
+          "grad_norm": float(np.mean([v["grad_norm"] for v in vals])),
+          "skipped": int(vals[-1]["skipped"]),
+          "steps_per_sec": rate,
+        }
         if is_main:
           log.write(last)
         bar.set_postfix(loss=f"{last['loss']:.4f}", steps_s=f"{rate:.1f}")
@@ -157,4 +206,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   bar.close()
   ckpt.close()
   return last
-

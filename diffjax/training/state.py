@@ -27,9 +27,18 @@ class TrainState:
   skipped: jnp.ndarray
 
 
-def make_optimizer(*, learning_rate: float, warmup_steps: int = 0, total_steps: int | None = None,
-                   decay: str = "constant", weight_decay: float = 0.0, grad_clip: float | None = 1.0,
-                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+def make_optimizer(
+  *,
+  learning_rate: float,
+  warmup_steps: int = 0,
+  total_steps: int | None = None,
+  decay: str = "constant",
+  weight_decay: float = 0.0,
+  grad_clip: float | None = 1.0,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+) -> optax.GradientTransformation:
   """AdamW with linear warm-up, then constant or cosine decay, after global-norm clipping.
 
   Args:
@@ -43,13 +52,19 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int = 0, total_steps: 
   if learning_rate <= 0:
     raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
   if decay == "constant":
-    sched = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
-                                  optax.constant_schedule(learning_rate)], [max(warmup_steps, 1)])
+    sched = optax.join_schedules(
+      [
+        optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
+        optax.constant_schedule(learning_rate),
+      ],
+      [max(warmup_steps, 1)],
+    )
   elif decay == "cosine":
     if not total_steps or total_steps <= warmup_steps:
       raise ValueError(f"total_steps must exceed warmup_steps for cosine decay, got {total_steps}")
-    sched = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1), total_steps,
-                                               end_value=0.1 * learning_rate)
+    sched = optax.warmup_cosine_decay_schedule(
+      0.0, learning_rate, max(warmup_steps, 1), total_steps, end_value=0.1 * learning_rate
+    )
   else:
     raise ValueError(f"decay={decay!r} is not one of ('constant', 'cosine')")
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
@@ -59,9 +74,13 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int = 0, total_steps: 
 
 def create_train_state(*, params, tx: optax.GradientTransformation) -> TrainState:
   """A fresh state at step 0 whose EMA starts equal to the parameters."""
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
-                    skipped=jnp.zeros((), jnp.int32))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    ema_params=jax.tree.map(jnp.copy, params),
+    opt_state=tx.init(params),
+    skipped=jnp.zeros((), jnp.int32),
+  )
 
 
 def ema_update(ema, params, *, decay: float, step):

@@ -33,10 +33,18 @@ def make_model_fn(model: nn.Module, *, train: bool = False, dropout_key: jax.Arr
   return model_fn
 
 
-def make_train_step(*, model: nn.Module, schedule: Schedule, tx: optax.GradientTransformation,
-                    prediction: str = "eps", weighting: str = "none", min_snr_gamma: float = 5.0,
-                    cond_drop_prob: float = 0.1, ema_decay: float = 0.999,
-                    class_conditional: bool = True) -> Callable:
+def make_train_step(
+  *,
+  model: nn.Module,
+  schedule: Schedule,
+  tx: optax.GradientTransformation,
+  prediction: str = "eps",
+  weighting: str = "none",
+  min_snr_gamma: float = 5.0,
+  cond_drop_prob: float = 0.1,
+  ema_decay: float = 0.999,
+  class_conditional: bool = True,
+) -> Callable:
   """Builds ``train_step(state, batch, key) -> (state, metrics)``.
 
   Args:
@@ -63,9 +71,17 @@ def make_train_step(*, model: nn.Module, schedule: Schedule, tx: optax.GradientT
     model_fn = make_model_fn(model, train=True, dropout_key=k_dropout)
 
     def loss_fn(params):
-      loss, _ = diffusion_loss(model_fn=model_fn, params=params, schedule=schedule, x0=batch["image"],
-                               cond=cond, key=k_loss, prediction=prediction, weighting=weighting,
-                               min_snr_gamma=min_snr_gamma)
+      loss, _ = diffusion_loss(
+        model_fn=model_fn,
+        params=params,
+        schedule=schedule,
+        x0=batch["image"],
+        cond=cond,
+        key=k_loss,
+        prediction=prediction,
+        weighting=weighting,
+        min_snr_gamma=min_snr_gamma,
+      )
       return loss
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -75,10 +91,13 @@ def make_train_step(*, model: nn.Module, schedule: Schedule, tx: optax.GradientT
     new_ema = ema_update(state.ema_params, new_params, decay=ema_decay, step=state.step)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
-                           ema_params=keep(new_ema, state.ema_params),
-                           opt_state=keep(new_opt_state, state.opt_state),
-                           skipped=state.skipped + (~ok).astype(jnp.int32))
+    new_state = TrainState(
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      ema_params=keep(new_ema, state.ema_params),
+      opt_state=keep(new_opt_state, state.opt_state),
+      skipped=state.skipped + (~ok).astype(jnp.int32),
+    )
     metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": new_state.skipped}
     return new_state, metrics
 

@@ -10,6 +10,7 @@ def _toy_model(calls):
   def model_fn(params, x, t, cond):
     calls.append(x.shape[0])
     return x * params + cond[:, None].astype(x.dtype)
+
   return model_fn
 
 
@@ -39,8 +40,10 @@ def test_guidance_scale_traced_no_recompile():
 
   @jax.jit
   def f(w, x):
-    return classifier_free_guidance(mf, guidance_scale=w, null_cond=null)(1.0, x, jnp.zeros(2, jnp.int32),
-                                                                         jnp.array([1, 2]))
+    return classifier_free_guidance(mf, guidance_scale=w, null_cond=null)(
+      1.0, x, jnp.zeros(2, jnp.int32), jnp.array([1, 2])
+    )
+
   a = f(1.0, jnp.ones((2, 3)))
   b = f(4.0, jnp.ones((2, 3)))
   assert f._cache_size() == 1

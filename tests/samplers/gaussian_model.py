@@ -18,4 +18,5 @@ def exact_model_fn(schedule, *, mu=0.3, s=0.5, prediction="eps"):
     if prediction == "x0":
       return x0
     return diffusion.v_from_eps_x0(schedule=schedule, t=t, eps=eps, x0=x0)
+
   return model_fn

@@ -44,8 +44,15 @@ def test_ddim_eta0_is_deterministic():
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_samplers_recover_gaussian_data(sampler, prediction):
   mf = exact_model_fn(S, mu=MU, s=SD, prediction=prediction)
-  kw = dict(model_fn=mf, params=None, schedule=S, x_T=_x_T(), key=jax.random.key(0), prediction=prediction,
-            clip_x0=None)
+  kw = dict(
+    model_fn=mf,
+    params=None,
+    schedule=S,
+    x_T=_x_T(),
+    key=jax.random.key(0),
+    prediction=prediction,
+    clip_x0=None,
+  )
   x = ddim_sample(num_steps=50, **kw) if sampler == "ddim" else ddpm_sample(**kw)
   x = np.asarray(x)
   assert abs(x.mean() - MU) < 0.03
@@ -90,5 +97,6 @@ def test_steps_out_of_range(n):
   with pytest.raises(ValueError, match="num_steps"):
     make_timesteps(num_timesteps=200, num_steps=n)
   with pytest.raises(ValueError, match="num_steps"):
-    ddim_sample(model_fn=exact_model_fn(S), params=None, schedule=S, x_T=_x_T(2), key=jax.random.key(0),
-                num_steps=n)
+    ddim_sample(
+      model_fn=exact_model_fn(S), params=None, schedule=S, x_T=_x_T(2), key=jax.random.key(0), num_steps=n
+    )

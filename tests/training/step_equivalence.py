@@ -11,7 +11,6 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -26,8 +25,15 @@ from diffjax.training.step import compile_train_step, make_train_step  # noqa: E
 
 def main():
   assert jax.device_count() == 8, jax.devices()
-  model = UNet(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(False, True),
-               attention_head_dim=8, norm_num_groups=4, dropout=0.1, num_classes=10)
+  model = UNet(
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    attention_levels=(False, True),
+    attention_head_dim=8,
+    norm_num_groups=4,
+    dropout=0.1,
+    num_classes=10,
+  )
   # Adam divides by sqrt(v) + eps: with the default eps=1e-8 a gradient entry of ~1e-9 turns float
   # summation-order noise (~1e-7 relative) into O(lr) parameter noise. eps=1e-6 keeps the test about
   # the sharded step, not about that amplification.
@@ -50,11 +56,21 @@ def main():
       losses.append(float(metrics["loss"]))
     out[n] = (jax.device_get(state), losses)
   (s1, l1), (s8, l8) = out[1], out[8]
-  diff = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-                          for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-  print(json.dumps({"params": diff(s1.params, s8.params), "ema": diff(s1.ema_params, s8.ema_params),
-                    "loss": max(abs(a - b) for a, b in zip(l1, l8)), "devices": jax.device_count(),
-                    "step": int(s8.step)}))
+  diff = lambda a, b: max(
+    float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
+  print(
+    json.dumps(
+      {
+        "params": diff(s1.params, s8.params),
+        "ema": diff(s1.ema_params, s8.ema_params),
+        "loss": max(abs(a - b) for a, b in zip(l1, l8)),
+        "devices": jax.device_count(),
+        "step": int(s8.step),
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -61,8 +61,15 @@ def test_partial_checkpoint_never_replaces_a_good_one(tmp_path):
 
 def test_workdir_contents_and_checkpoint_retention(tmp_path):
   wd = str(tmp_path / "w")
-  cfg = _config(**{"training.num_steps": 8, "training.checkpoint_every": 2, "training.keep_checkpoints": 2,
-                   "sample.every": 8, "eval.every": 4})
+  cfg = _config(
+    **{
+      "training.num_steps": 8,
+      "training.checkpoint_every": 2,
+      "training.keep_checkpoints": 2,
+      "sample.every": 8,
+      "eval.every": 4,
+    }
+  )
   out = train_and_evaluate(cfg, wd, progress=False)
   assert sorted(Checkpointer(os.path.join(wd, "checkpoints")).all_steps()) == [6, 8]
   assert read_config(wd).training.num_steps == 8

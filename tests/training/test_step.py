@@ -16,8 +16,15 @@ from diffjax.training.loop import make_eval_bpd
 from diffjax.training.state import create_train_state, make_optimizer
 from diffjax.training.step import compile_train_step, make_train_step
 
-MODEL = UNet(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(False, True),
-             attention_head_dim=8, norm_num_groups=4, dropout=0.0, num_classes=10)
+MODEL = UNet(
+  block_out_channels=(16, 32),
+  layers_per_block=1,
+  attention_levels=(False, True),
+  attention_head_dim=8,
+  norm_num_groups=4,
+  dropout=0.0,
+  num_classes=10,
+)
 SCHEDULE = make_schedule("linear", num_timesteps=100)
 TX = make_optimizer(learning_rate=2e-3, warmup_steps=5)
 
