@@ -1,8 +1,11 @@
-"""Command line: ``python -m diffjax train|sample ...`` (the only place that reads flags).
+"""Command line: ``python -m diffjax train|sample|train-judge|eval ...`` (the only place that reads flags).
 
   python -m diffjax train --config configs/digits_ddpm.py[:smoke] --workdir W [--config.key=value ...]
   python -m diffjax sample --workdir W --sampler ddim --steps 50 --guidance 2.0 --num 64 \
       [--labels 3,3,7] --out S.npz
+  python -m diffjax train-judge --source digits|mnist_idx [--path P] --out J.safetensors
+  python -m diffjax eval --samples S.npz --judge J.safetensors [--reference-source digits|mnist_idx \
+      --reference-path P --reference-split train] [--out R.json]
 
 Bad input ends the program with one line ``error: ...`` naming what was wrong, and exit status 2.
 """
@@ -100,6 +103,68 @@ def cmd_sample(args) -> int:
   return 0
 
 
+def cmd_train_judge(args) -> int:
+  import json
+
+  from diffjax.data import load_dataset
+  from diffjax.eval import save_judge, train_judge
+
+  if not args.out.endswith(".safetensors"):
+    raise ValueError(f"--out must end with .safetensors, got {args.out!r}")
+  if not 0.0 <= args.holdout < 1.0:
+    raise ValueError(f"--holdout must be a fraction in [0, 1), got {args.holdout}")
+  ds = load_dataset(source=args.source, path=args.path, split=args.split)
+  params, info = train_judge(
+    ds,
+    seed=args.seed,
+    steps=args.steps,
+    batch_size=args.batch_size,
+    learning_rate=args.learning_rate,
+    holdout=args.holdout or None,
+  )
+  save_judge(args.out, params, info)
+  print(json.dumps(info, indent=2))
+  print(f"wrote judge to {args.out}")
+  return 0
+
+
+def cmd_eval(args) -> int:
+  import json
+  import zipfile
+
+  from diffjax.data import load_dataset
+  from diffjax.eval import evaluate_samples, load_judge
+
+  if not os.path.isfile(args.samples):
+    raise FileNotFoundError(f"--samples file '{args.samples}' does not exist")
+  try:
+    with np.load(args.samples) as data:
+      if "images" not in data.files:
+        raise ValueError(f"--samples '{args.samples}' has no 'images' array (has {data.files})")
+      images = data["images"]
+      labels = None if args.ignore_labels or "labels" not in data.files else data["labels"]
+  except (OSError, zipfile.BadZipFile) as err:
+    raise ValueError(f"--samples '{args.samples}' is not a readable .npz file: {err}") from err
+  params, info = load_judge(args.judge)
+  reference = load_dataset(source=args.reference_source, path=args.reference_path, split=args.reference_split)
+  result = evaluate_samples(images, labels, judge_params=params, judge_info=info, reference=reference)
+  result.update(
+    samples=args.samples,
+    judge=args.judge,
+    judge_data=info.get("data_name"),
+    judge_data_fingerprint=info.get("data_fingerprint"),
+    reference=reference.name,
+    reference_fingerprint=reference.fingerprint(),
+  )
+  text = json.dumps(result, indent=2)
+  print(text)
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+      f.write(text + "\n")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     prog="python -m diffjax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -122,6 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--checkpoint-step", type=int, default=None)
   s.add_argument("--raw-params", action="store_true", help="use raw instead of EMA parameters")
   s.add_argument("--out", default=None, help="output .npz (a .png grid is written beside it)")
+  j = sub.add_parser("train-judge", help="train the judge classifier whose features `eval` uses")
+  j.add_argument("--source", default="digits", help="dataset source: digits, mnist_idx, tfds:<name>")
+  j.add_argument("--path", default=None, help="IDX directory for mnist_idx")
+  j.add_argument("--split", default="train")
+  j.add_argument("--out", required=True, help="output .safetensors judge file")
+  j.add_argument("--steps", type=int, default=1500)
+  j.add_argument("--batch-size", type=int, default=128)
+  j.add_argument("--learning-rate", type=float, default=2e-3)
+  j.add_argument("--holdout", type=float, default=0.1, help="held-out fraction for the accuracy (0 = none)")
+  j.add_argument("--seed", type=int, default=0)
+  e = sub.add_parser("eval", help="Frechet distance, precision/recall and class accuracy of samples")
+  e.add_argument("--samples", required=True, help=".npz with 'images' (uint8 [N,H,W,C]) and 'labels'")
+  e.add_argument("--judge", required=True, help=".safetensors judge from train-judge")
+  e.add_argument("--reference-source", default="digits", help="real data: digits, mnist_idx, tfds:<name>")
+  e.add_argument("--reference-path", default=None, help="IDX directory for mnist_idx")
+  e.add_argument("--reference-split", default="train")
+  e.add_argument("--ignore-labels", action="store_true", help="skip class accuracy (unconditional samples)")
+  e.add_argument("--out", default=None, help="also write the JSON result here")
   return p
 
 
@@ -134,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
       return cmd_train(args, overrides)
     if overrides:
       raise ValueError(f"--config.* overrides only apply to `train`, got {sorted(overrides)}")
+    if args.command == "train-judge":
+      return cmd_train_judge(args)
+    if args.command == "eval":
+      return cmd_eval(args)
     if not 0.0 <= args.eta <= 1.0:
       raise ValueError(f"--eta must be in [0, 1], got {args.eta}")
     return cmd_sample(args)

@@ -162,6 +162,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     total=num_steps, initial=start, desc="train", disable=not (progress and is_main), dynamic_ncols=True
   )
   t_last, s_last = time.perf_counter(), start
+  # Wall-clock seconds of training so far, carried across resumes through metrics.jsonl.
+  wall0 = max([r.get("wall_s", 0.0) for r in log.read()] + [0.0]) - t_last
   pending = []
   with Prefetcher(
     train_ds,
@@ -189,6 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
           "grad_norm": float(np.mean([v["grad_norm"] for v in vals])),
           "skipped": int(vals[-1]["skipped"]),
           "steps_per_sec": rate,
+          "wall_s": wall0 + now,
         }
         if is_main:
           log.write(last)
