@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/python -m diffjax train --config configs/digits_ddpm.py --workdir $(WORKDIR)
 	$(BIN)/python -m diffjax sample --workdir $(WORKDIR) --sampler ddim --steps 50 --guidance 2.0 \
 	    --num 100 --out $(WORKDIR)/samples_ddim50_w2.npz
-	@echo "sample grid (rows = classes 0..9): $(WORKDIR)/samples_ddim50_w2.png"
+	@echo "sample grid (one column per class 0..9): $(WORKDIR)/samples_ddim50_w2.png"
 
 test: install-test
 	$(BIN)/python -m pytest tests --durations=15

@@ -104,10 +104,14 @@ def main() -> None:
   lines = [
     f"# {a.name}",
     "",
-    f"`python experiments/ddpm_run.py --config {a.config} --name {a.name}` on {out['devices'][0]}",
+    f"`python {' '.join(sys.argv)}` on {out['devices'][0]} (2-core CPU here)",
     "",
-    f"- training: {out['num_steps']} steps at batch {out['batch_size']}, "
-    f"{(out['train_wall_seconds_total'] or 0) / 60:.1f} min wall clock, final loss {out['final_loss']:.4f}",
+    f"- training: {out['num_steps']} steps at batch {out['batch_size']}, final loss {out['final_loss']:.4f}, "
+    + (
+      f"{out['train_wall_seconds_total'] / 60:.1f} min wall clock (from metrics.jsonl)"
+      if out["train_wall_seconds_total"]
+      else "wall clock not in metrics.jsonl (run predates wall_s logging; see the issue note)"
+    ),
     "- held-out bits/dim (stratified bound): " + ", ".join(f"{b['eval_bpd']:.3f} @ {b['step']}" for b in bpd),
     f"- reference classifier (RBF SVM on real images) accuracy on held-out real images: {real_acc:.3f}",
     "",
