@@ -62,7 +62,12 @@ def main() -> None:
   this_call = time.perf_counter() - t0
   records = MetricsLog(workdir, resume_step=config.training.num_steps).read()
   losses = [r for r in records if "loss" in r]
-  bpd = [{"step": r["step"], "eval_bpd": r["eval_bpd"]} for r in records if "eval_bpd" in r]
+  # Non-finite values (a pre-fix step-0 evaluation) are written as null: JSON has no Infinity.
+  bpd = [
+    {"step": r["step"], "eval_bpd": r["eval_bpd"] if np.isfinite(r["eval_bpd"]) else None}
+    for r in records
+    if "eval_bpd" in r
+  ]
 
   model, schedule, params = load_trained(config, workdir)
   nc = model.num_classes
@@ -112,7 +117,10 @@ def main() -> None:
       if out["train_wall_seconds_total"]
       else "wall clock not in metrics.jsonl (run predates wall_s logging; see the issue note)"
     ),
-    "- held-out bits/dim (stratified bound): " + ", ".join(f"{b['eval_bpd']:.3f} @ {b['step']}" for b in bpd),
+    "- held-out bits/dim (stratified bound): "
+    + ", ".join(
+      f"{b['eval_bpd'] if b['eval_bpd'] is None else round(b['eval_bpd'], 3)} @ {b['step']}" for b in bpd
+    ),
     f"- reference classifier (RBF SVM on real images) accuracy on held-out real images: {real_acc:.3f}",
     "",
     "| guidance w | samples classified as the requested class | sampling time (s) | grid |",
