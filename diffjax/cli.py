@@ -62,6 +62,7 @@ def cmd_sample(args) -> int:
   from diffjax.data import to_uint8
   from diffjax.images import save_image_grid
   from diffjax.sampling import make_generate
+  from diffjax.training.builders import image_shape
   from diffjax.training.restore import load_trained
   from diffjax.training.workdir import read_config
 
@@ -78,8 +79,6 @@ def cmd_sample(args) -> int:
     labels = np.resize(np.asarray(labels), num)
   else:
     labels = np.arange(num) % (nc or 1)
-  from diffjax.training.builders import image_shape
-
   generate = make_generate(
     model=model,
     schedule=schedule,

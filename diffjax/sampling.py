@@ -104,5 +104,4 @@ def make_generate(
       jnp.asarray(eta, jnp.float32),
     )
 
-  checked.jitted = generate
   return checked
