@@ -175,10 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
   s = sub.add_parser("sample", help="sample from a trained work directory")
   s.add_argument("--workdir", required=True)
-  s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
-  s.add_argument("--steps", type=int, default=50, help="DDIM steps (1..T)")
+  s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm_solver++"])
+  s.add_argument("--steps", type=int, default=50, help="DDIM / DPM-Solver++ steps (1..T)")
   s.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]")
-  s.add_argument("--spacing", default="uniform", choices=["uniform", "quadratic", "trailing"])
+  s.add_argument(
+    "--spacing",
+    default=None,
+    choices=["uniform", "quadratic", "trailing"],
+    help="timestep subset (default: uniform for ddim, trailing for dpm_solver++)",
+  )
   s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
   s.add_argument("--num", type=int, default=None, help="number of images")
   s.add_argument("--labels", default=None, help="comma-separated class labels, repeated to --num")

@@ -7,7 +7,7 @@ the sampler, spacing and parameterisation are fixed when it is built.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.guidance import classifier_free_guidance
-from diffjax.samplers import SAMPLERS, ddim_sample, ddpm_sample
+from diffjax.samplers import SAMPLERS, ddim_sample, ddpm_sample, dpm_solver_sample
 from diffjax.samplers.timesteps import check_num_steps
 from diffjax.schedules import Schedule
 from diffjax.training.step import make_model_fn
@@ -28,7 +28,7 @@ def make_generate(
   image_shape: Sequence[int],
   sampler: str = "ddim",
   prediction: str = "eps",
-  spacing: str = "uniform",
+  spacing: str | None = None,
   variance: str = "small",
 ) -> Callable:
   """Builds a jitted ``generate(params, key, labels, num_steps, guidance, eta) -> [B, H, W, C]``.
@@ -37,9 +37,11 @@ def make_generate(
     model: a class-conditional (``model.num_classes`` set) or unconditional denoiser.
     schedule: the schedule it was trained with.
     image_shape: (H, W, C).
-    sampler: "ddim" or "ddpm" (ancestral over all T steps; ``num_steps`` and ``eta`` are ignored).
+    sampler: "ddim", "ddpm" (ancestral over all T steps; ``num_steps`` and ``eta`` are ignored) or
+      "dpm_solver++" (DPM-Solver++(2M), deterministic; ``eta`` is ignored).
     prediction: the model's parameterisation.
-    spacing: DDIM timestep spacing.
+    spacing: timestep spacing of "ddim" / "dpm_solver++"; None picks the sampler's default, "uniform"
+      for DDIM and "trailing" for DPM-Solver++ (which is poor on "uniform", whose last steps reach t = 0).
     variance: DDPM reverse variance, "small" or "large".
 
   The returned function takes labels ``[B]`` int (ignored for an unconditional model, whose batch
@@ -47,6 +49,8 @@ def make_generate(
   """
   if sampler not in SAMPLERS:
     raise ValueError(f"sampler={sampler!r} is not one of {SAMPLERS}")
+  if spacing is None:
+    spacing = "trailing" if sampler == "dpm_solver++" else "uniform"
   base = make_model_fn(model, train=False)
   conditional = getattr(model, "num_classes", None) is not None
 
@@ -73,6 +77,18 @@ def make_generate(
         variance=variance,
         prediction=prediction,
       )
+    if sampler == "dpm_solver++":
+      return dpm_solver_sample(
+        model_fn=model_fn,
+        params=params,
+        schedule=schedule,
+        x_T=x_T,
+        key=k,
+        cond=cond,
+        num_steps=num_steps,
+        spacing=spacing,
+        prediction=prediction,
+      )
     return ddim_sample(
       model_fn=model_fn,
       params=params,
@@ -93,7 +109,7 @@ def make_generate(
     if conditional and (labels.min() < 0 or labels.max() >= model.num_classes):
       bad = labels[(labels < 0) | (labels >= model.num_classes)][0]
       raise ValueError(f"label {int(bad)} is out of range [0, {model.num_classes})")
-    if sampler == "ddim":
+    if sampler != "ddpm":
       check_num_steps(num_steps, schedule.num_timesteps)
     return generate(
       params,

@@ -69,6 +69,15 @@ def test_train_then_sample_round_trip(trained, tmp_path):
   np.testing.assert_array_equal(np.load(out2)["images"], np.load(out)["images"])
 
 
+def test_sample_with_dpm_solver(trained, tmp_path):
+  out = str(tmp_path / "p.npz")
+  opts = ["--sampler", "dpm_solver++", "--steps", "4", "--num", "3", "--out", out]
+  argv = ["sample", "--workdir", trained, *opts]
+  assert main(argv) == 0
+  images = np.load(out)["images"]
+  assert images.dtype == np.uint8 and images.shape == (3, 8, 8, 1)
+
+
 @pytest.mark.parametrize(
   "argv_tail, needle",
   [

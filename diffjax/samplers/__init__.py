@@ -2,10 +2,11 @@
 
 from diffjax.samplers.ddim import ddim_sample, ddim_sigma, ddim_step
 from diffjax.samplers.ddpm import ddpm_sample, ddpm_step
+from diffjax.samplers.dpm_solver import dpm_solver_sample, dpm_solver_update
 from diffjax.samplers.loop import reverse_loop
 from diffjax.samplers.timesteps import SPACINGS, make_timesteps
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm_solver++")
 
 __all__ = [
   "SAMPLERS",
@@ -15,6 +16,8 @@ __all__ = [
   "ddim_step",
   "ddpm_sample",
   "ddpm_step",
+  "dpm_solver_sample",
+  "dpm_solver_update",
   "make_timesteps",
   "reverse_loop",
 ]

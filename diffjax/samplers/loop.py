@@ -3,12 +3,14 @@
 A step function ``step_fn(x, t, t_prev, key) -> x_prev`` moves the sample from timestep ``t`` to
 ``t_prev`` (``t_prev = -1`` means the clean end, where alpha-bar is 1). The loop visits the first
 ``num_steps`` entries of ``timesteps`` from the largest down, with ``key = fold_in(key, j)`` at loop
-iteration ``j``; ``num_steps`` may be traced, so a new step count does not recompile.
+iteration ``j``; ``num_steps`` may be traced, so a new step count does not recompile. The state ``x``
+may be any pytree (e.g. a multistep solver's sample together with its history) that ``step_fn`` returns
+with the same structure.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
