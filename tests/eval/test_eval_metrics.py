@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from diffjax.eval import evaluate_samples
+from diffjax.eval.metrics import SampleScorer
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +59,23 @@ def test_bad_inputs_are_named(digits_split, digits_judge, images, labels, needle
   params, info = digits_judge
   with pytest.raises(ValueError, match=needle):
     evaluate_samples(images, labels, judge_params=params, judge_info=info, reference=digits_split[0])
+
+
+def test_scorer_reuses_reference_features_and_equals_evaluate_samples(digits_split, digits_judge):
+  params, info = digits_judge
+  train, held = digits_split
+  scorer = SampleScorer(judge_params=params, judge_info=info, reference=train)
+  assert scorer.reference_features.shape == (len(train), info["feature_dim"])
+  first = held.subset(np.arange(200))
+  second = held.subset(np.arange(100, 300))
+  for part in (first, second):
+    expected = evaluate_samples(
+      part.images, part.labels, judge_params=params, judge_info=info, reference=train
+    )
+    assert scorer(part.images, part.labels) == pytest.approx(expected, rel=1e-6)
+  unlabelled = scorer(first.images)
+  assert "class_accuracy" not in unlabelled
+  with pytest.raises(ValueError, match=r"images have shape \[H, W, C\]=\[4, 4, 1\]"):
+    scorer(np.zeros((10, 4, 4, 1), np.uint8))
+  with pytest.raises(ValueError, match="labels must have shape"):
+    scorer(first.images, first.labels[:5])
