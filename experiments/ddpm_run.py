@@ -22,14 +22,14 @@ import numpy as np
 from sklearn.svm import SVC
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from diffjax.config_files import apply_overrides, load_config  # noqa: E402
-from diffjax.data import to_uint8  # noqa: E402
-from diffjax.images import save_image_grid  # noqa: E402
-from diffjax.sampling import make_generate  # noqa: E402
-from diffjax.training import builders  # noqa: E402
-from diffjax.training.loop import train_and_evaluate  # noqa: E402
-from diffjax.training.restore import load_trained  # noqa: E402
-from diffjax.training.workdir import MetricsLog  # noqa: E402
+from diffjax.config_files import apply_overrides, load_config
+from diffjax.data import to_uint8
+from diffjax.images import save_image_grid
+from diffjax.sampling import make_generate
+from diffjax.training import builders
+from diffjax.training.loop import train_and_evaluate
+from diffjax.training.restore import load_trained
+from diffjax.training.workdir import MetricsLog
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
