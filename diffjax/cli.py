@@ -4,8 +4,8 @@
   python -m diffjax sample --workdir W --sampler ddim --steps 50 --guidance 2.0 --num 64 \
       [--labels 3,3,7] --out S.npz
   python -m diffjax train-judge --source digits|mnist_idx [--path P] --out J.safetensors
-  python -m diffjax eval --samples S.npz --judge J.safetensors [--reference-source digits|mnist_idx \
-      --reference-path P --reference-split train] [--out R.json]
+  python -m diffjax eval --samples S.npz [--judge J.safetensors] [--inception I.safetensors] \
+      [--reference-source digits|mnist_idx --reference-path P --reference-split train] [--out R.json]
 
 Bad input ends the program with one line ``error: ...`` naming what was wrong, and exit status 2.
 """
@@ -131,9 +131,17 @@ def cmd_eval(args) -> int:
   import json
   import zipfile
 
-  from diffjax.data import load_dataset
-  from diffjax.eval import evaluate_samples, load_judge
+  from diffjax.data import load_dataset, validate_images
+  from diffjax.eval import (
+    evaluate_samples,
+    frechet_distance_from_features,
+    inception_features,
+    load_inception,
+    load_judge,
+  )
 
+  if not args.judge and not args.inception:
+    raise ValueError("eval needs --judge J.safetensors, --inception INCEPTION.safetensors, or both")
   if not os.path.isfile(args.samples):
     raise FileNotFoundError(f"--samples file '{args.samples}' does not exist")
   try:
@@ -144,17 +152,42 @@ def cmd_eval(args) -> int:
       labels = None if args.ignore_labels or "labels" not in data.files else data["labels"]
   except (OSError, zipfile.BadZipFile) as err:
     raise ValueError(f"--samples '{args.samples}' is not a readable .npz file: {err}") from err
-  params, info = load_judge(args.judge)
+  judge, variables = None, None
+  if args.judge:
+    judge = load_judge(args.judge)
+  if args.inception:
+    if args.inception_batch_size < 1:
+      raise ValueError(f"--inception-batch-size must be >= 1, got {args.inception_batch_size}")
+    variables = load_inception(args.inception)
+  validate_images(images, name="images")
   reference = load_dataset(source=args.reference_source, path=args.reference_path, split=args.reference_split)
-  result = evaluate_samples(images, labels, judge_params=params, judge_info=info, reference=reference)
-  result.update(
-    samples=args.samples,
-    judge=args.judge,
-    judge_data=info.get("data_name"),
-    judge_data_fingerprint=info.get("data_fingerprint"),
-    reference=reference.name,
-    reference_fingerprint=reference.fingerprint(),
-  )
+  result = {}
+  if judge:
+    result.update(
+      evaluate_samples(images, labels, judge_params=judge[0], judge_info=judge[1], reference=reference)
+    )
+  if variables:
+    if images.shape[0] < 2 or len(reference) < 2:
+      raise ValueError(
+        f"inception FID needs at least 2 samples and 2 reference images, got {images.shape[0]} and "
+        f"{len(reference)}"
+      )
+    bs = args.inception_batch_size
+    result["inception_fid"] = frechet_distance_from_features(
+      inception_features(variables, images, batch_size=bs),
+      inception_features(variables, reference.images, batch_size=bs),
+    )
+    result.setdefault("num_samples", int(images.shape[0]))
+    result.setdefault("num_reference", len(reference))
+  result["samples"] = args.samples
+  if judge:
+    info = judge[1]
+    result.update(
+      judge=args.judge, judge_data=info.get("data_name"), judge_data_fingerprint=info.get("data_fingerprint")
+    )
+  if variables:
+    result["inception"] = args.inception
+  result.update(reference=reference.name, reference_fingerprint=reference.fingerprint())
   text = json.dumps(result, indent=2)
   print(text)
   if args.out:
@@ -201,9 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
   j.add_argument("--learning-rate", type=float, default=2e-3)
   j.add_argument("--holdout", type=float, default=0.1, help="held-out fraction for the accuracy (0 = none)")
   j.add_argument("--seed", type=int, default=0)
-  e = sub.add_parser("eval", help="Frechet distance, precision/recall and class accuracy of samples")
+  e = sub.add_parser(
+    "eval", help="Frechet distance, precision/recall and class accuracy of samples; standard FID"
+  )
   e.add_argument("--samples", required=True, help=".npz with 'images' (uint8 [N,H,W,C]) and 'labels'")
-  e.add_argument("--judge", required=True, help=".safetensors judge from train-judge")
+  e.add_argument("--judge", default=None, help=".safetensors judge from train-judge")
+  e.add_argument(
+    "--inception",
+    default=None,
+    help="FID Inception-v3 weights (.safetensors, see diffjax.eval.inception): adds inception_fid",
+  )
+  e.add_argument("--inception-batch-size", type=int, default=50, help="images per Inception forward pass")
   e.add_argument("--reference-source", default="digits", help="real data: digits, mnist_idx, tfds:<name>")
   e.add_argument("--reference-path", default=None, help="IDX directory for mnist_idx")
   e.add_argument("--reference-split", default="train")

@@ -53,6 +53,11 @@ def test_eval_prints_and_writes_json(tmp_path, capsys, judge_file, digits_split)
     (["eval", "--samples", "WIDE", "--judge", "JUDGE"], "images have shape [H, W, C]=[8, 9, 1]"),
     (["eval", "--samples", "SAMPLES", "--judge", "JUDGE", "--reference-source", "nope"], "source='nope'"),
     (["train-judge", "--out", "j.bin"], "--out must end with .safetensors"),
+    (["eval", "--samples", "SAMPLES"], "eval needs --judge J.safetensors, --inception"),
+    (
+      ["eval", "--samples", "SAMPLES", "--inception", "/no/such.safetensors"],
+      "inception weights file '/no/such.safetensors' does not exist",
+    ),
   ],
 )
 def test_bad_inputs_give_one_line_errors(tmp_path, capsys, judge_file, argv, needle):
