@@ -1,11 +1,14 @@
-"""Command line: ``python -m diffjax train|sample|train-judge|eval ...`` (the only place that reads flags).
+"""Command line: ``python -m diffjax train|sample|distill|train-judge|eval ...`` (the only place that reads flags).
 
   python -m diffjax train --config configs/digits_ddpm.py[:smoke] --workdir W [--config.key=value ...]
   python -m diffjax sample --workdir W --sampler ddim --steps 50 --guidance 2.0 --num 64 \
       [--labels 3,3,7] --out S.npz
+  python -m diffjax distill --config configs/digits_distill.py[:smoke] --teacher T --workdir W \
+      [--config.key=value ...]   # progressive / guided distillation of the model trained in T
   python -m diffjax train-judge --source digits|mnist_idx [--path P] --out J.safetensors
   python -m diffjax eval --samples S.npz [--judge J.safetensors] [--inception I.safetensors] \
-      [--reference-source digits|mnist_idx --reference-path P --reference-split train] [--out R.json]
+      [--reference-source digits|mnist_idx --reference-path P --reference-split train] [--out R.json] \
+      [--workdir W]   # also the held-out NLL bound in bits/dim of the model trained in W
 
 Bad input ends the program with one line ``error: ...`` naming what was wrong, and exit status 2.
 """
@@ -53,6 +56,23 @@ def cmd_train(args, overrides: dict[str, str]) -> int:
   config = apply_overrides(load_config(args.config), overrides)
   result = train_and_evaluate(config, args.workdir, progress=not args.no_progress)
   print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.items()})
+  return 0
+
+
+def cmd_distill(args, overrides: dict[str, str]) -> int:
+  import json
+
+  from diffjax.config_files import apply_overrides, load_config
+  from diffjax.distillation import run_distillation
+
+  if not os.path.isdir(args.teacher):
+    raise FileNotFoundError(f"--teacher work directory {args.teacher!r} does not exist")
+  config = apply_overrides(load_config(args.config), overrides)
+  summaries = run_distillation(
+    config, teacher_workdir=args.teacher, workdir=args.workdir, progress=not args.no_progress
+  )
+  for s in summaries:
+    print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in s.items()}))
   return 0
 
 
@@ -127,6 +147,45 @@ def cmd_train_judge(args) -> int:
   return 0
 
 
+def _heldout_likelihood(args) -> dict:
+  """NLL bound in bits/dim of the model in ``args.workdir`` on its config's held-out images."""
+  import jax
+
+  from diffjax.eval.likelihood import heldout_bits_per_dim
+  from diffjax.training import builders
+  from diffjax.training.restore import load_trained
+  from diffjax.training.step import make_model_fn
+  from diffjax.training.workdir import read_config
+
+  config = read_config(args.workdir)
+  if args.reference_path and config.data.source == args.reference_source:
+    config.data.path = args.reference_path  # The same data, at this machine's path.
+  model, schedule, params = load_trained(config, args.workdir, step=args.checkpoint_step)
+  _, heldout = builders.load_data(config)
+  if len(heldout) == 0:
+    raise ValueError(f"--workdir {args.workdir!r}: its config holds out no images (data.holdout)")
+  t_samples = args.bpd_t_samples if args.bpd_t_samples is not None else config.eval.num_t_samples
+  if t_samples is not None and t_samples >= schedule.num_timesteps:
+    t_samples = None  # every term: the exact bound
+  nll = heldout_bits_per_dim(
+    model_fn=make_model_fn(model, train=False),
+    params=params,
+    schedule=schedule,
+    dataset=heldout,
+    key=jax.random.key(args.seed),
+    prediction=config.diffusion.prediction,
+    conditional=model.num_classes is not None,
+    num_t_samples=t_samples,
+  )
+  return {
+    "nll_bits_per_dim": nll["bpd"],
+    "nll_bits_per_dim_stderr": nll["bpd_stderr"],
+    "nll_num_examples": nll["num_examples"],
+    "nll_t_samples": "all" if nll["num_t_samples"] is None else nll["num_t_samples"],
+    "workdir": args.workdir,
+  }
+
+
 def cmd_eval(args) -> int:
   import json
   import zipfile
@@ -152,15 +211,17 @@ def cmd_eval(args) -> int:
       labels = None if args.ignore_labels or "labels" not in data.files else data["labels"]
   except (OSError, zipfile.BadZipFile) as err:
     raise ValueError(f"--samples '{args.samples}' is not a readable .npz file: {err}") from err
-  judge, variables = None, None
-  if args.judge:
-    judge = load_judge(args.judge)
-  if args.inception:
-    if args.inception_batch_size < 1:
-      raise ValueError(f"--inception-batch-size must be >= 1, got {args.inception_batch_size}")
-    variables = load_inception(args.inception)
+  if args.inception and args.inception_batch_size < 1:
+    raise ValueError(f"--inception-batch-size must be >= 1, got {args.inception_batch_size}")
+  if args.bpd_t_samples is not None and args.bpd_t_samples < 1:
+    raise ValueError(f"--bpd-t-samples must be >= 1, got {args.bpd_t_samples}")
   validate_images(images, name="images")
   reference = load_dataset(source=args.reference_source, path=args.reference_path, split=args.reference_split)
+  judge, variables = None, None
+  if args.judge:  # A judge trained on other data than the reference is refused.
+    judge = load_judge(args.judge, expected_fingerprint=reference.fingerprint())
+  if args.inception:
+    variables = load_inception(args.inception)
   result = {}
   if judge:
     result.update(
@@ -179,6 +240,8 @@ def cmd_eval(args) -> int:
     )
     result.setdefault("num_samples", int(images.shape[0]))
     result.setdefault("num_reference", len(reference))
+  if args.workdir:
+    result.update(_heldout_likelihood(args))
   result["samples"] = args.samples
   if judge:
     info = judge[1]
@@ -224,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--checkpoint-step", type=int, default=None)
   s.add_argument("--raw-params", action="store_true", help="use raw instead of EMA parameters")
   s.add_argument("--out", default=None, help="output .npz (a .png grid is written beside it)")
+  dd = sub.add_parser("distill", help="progressive or guided distillation of a trained model, stage by stage")
+  dd.add_argument("--config", required=True, help="configs/digits_distill.py[:variant]")
+  dd.add_argument("--teacher", required=True, help="work directory of the trained teacher")
+  dd.add_argument("--workdir", required=True, help="holds one subdirectory per stage; rerun to resume")
+  dd.add_argument("--no-progress", action="store_true", help="hide the progress bars")
   j = sub.add_parser("train-judge", help="train the judge classifier whose features `eval` uses")
   j.add_argument("--source", default="digits", help="dataset source: digits, mnist_idx, tfds:<name>")
   j.add_argument("--path", default=None, help="IDX directory for mnist_idx")
@@ -250,6 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--reference-split", default="train")
   e.add_argument("--ignore-labels", action="store_true", help="skip class accuracy (unconditional samples)")
   e.add_argument("--out", default=None, help="also write the JSON result here")
+  e.add_argument("--workdir", default=None, help="also report this model's held-out NLL in bits/dim")
+  e.add_argument(
+    "--bpd-t-samples", type=int, default=None, help="stratified timesteps per image (default: the config's)"
+  )
+  e.add_argument(
+    "--checkpoint-step", type=int, default=None, help="checkpoint of --workdir (default: latest)"
+  )
+  e.add_argument("--seed", type=int, default=0, help="noise seed of the likelihood bound")
   return p
 
 
@@ -260,8 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(rest)
     if args.command == "train":
       return cmd_train(args, overrides)
+    if args.command == "distill":
+      return cmd_distill(args, overrides)
     if overrides:
-      raise ValueError(f"--config.* overrides only apply to `train`, got {sorted(overrides)}")
+      raise ValueError(f"--config.* overrides only apply to `train` and `distill`, got {sorted(overrides)}")
     if args.command == "train-judge":
       return cmd_train_judge(args)
     if args.command == "eval":

@@ -1,5 +1,6 @@
 """The command line: train then sample round trip, and one clear error per bad input."""
 
+import json
 import os
 
 import numpy as np
@@ -93,6 +94,25 @@ def test_sample_bad_inputs(trained, tmp_path, capsys, argv_tail, needle):
   rc = main(["sample", "--workdir", trained, "--out", str(tmp_path / "x.npz"), *argv_tail])
   err = capsys.readouterr().err.strip()
   assert rc == 2 and needle in err and len(err.splitlines()) == 1, err
+
+
+def test_eval_reports_heldout_bits_per_dim_of_a_workdir(trained, tmp_path, capsys):
+  judge, samples = str(tmp_path / "j.safetensors"), str(tmp_path / "s.npz")
+  assert main(["train-judge", "--source", "digits", "--steps", "20", "--out", judge]) == 0
+  assert main(["sample", "--workdir", trained, "--steps", "3", "--num", "20", "--out", samples]) == 0
+  capsys.readouterr()
+  argv = ["eval", "--samples", samples, "--judge", judge, "--workdir", trained, "--bpd-t-samples", "3"]
+  assert main(argv) == 0
+  first = json.loads(capsys.readouterr().out)
+  assert first["workdir"] == trained and first["nll_t_samples"] == 3 and first["nll_num_examples"] > 1
+  assert np.isfinite(first["nll_bits_per_dim"]) and 0.0 < first["nll_bits_per_dim"] < 100.0
+  assert first["nll_bits_per_dim_stderr"] > 0.0 and "frechet_distance" in first
+  assert main(argv) == 0  # The same seed gives the same bound.
+  assert json.loads(capsys.readouterr().out)["nll_bits_per_dim"] == first["nll_bits_per_dim"]
+  assert main([*argv, "--seed", "1"]) == 0
+  assert json.loads(capsys.readouterr().out)["nll_bits_per_dim"] != first["nll_bits_per_dim"]
+  assert main([*argv[:-1], "0"]) == 2
+  assert "--bpd-t-samples must be >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

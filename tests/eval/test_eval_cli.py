@@ -67,3 +67,14 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys, judge_file, argv, nee
   rc = main([subst.get(a, a) for a in argv])
   err = capsys.readouterr().err.strip()
   assert rc == 2 and needle in err and len(err.splitlines()) == 1, err
+
+
+def test_eval_refuses_a_judge_trained_on_other_data(tmp_path, capsys, digits_judge, digits_split):
+  params, info = digits_judge
+  other = str(tmp_path / "other.safetensors")
+  save_judge(other, params, {**info, "data_fingerprint": "0" * 64})
+  samples = str(tmp_path / "s.npz")
+  np.savez(samples, images=digits_split[1].images, labels=digits_split[1].labels)
+  assert main(["eval", "--samples", samples, "--judge", other]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: judge") and f"fingerprint {'0' * 64}, expected fingerprint" in err, err
