@@ -1,4 +1,4 @@
-"""Command line: ``python -m diffjax train|sample|distill|train-judge|eval ...`` (the only place that reads flags).
+"""Command line: ``python -m diffjax train|sample|distill|train-judge|eval|edit ...`` (only it reads flags).
 
   python -m diffjax train --config configs/digits_ddpm.py[:smoke] --workdir W [--config.key=value ...]
   python -m diffjax sample --workdir W --sampler ddim --steps 50 --guidance 2.0 --num 64 \
@@ -9,6 +9,7 @@
   python -m diffjax eval --samples S.npz [--judge J.safetensors] [--inception I.safetensors] \
       [--reference-source digits|mnist_idx --reference-path P --reference-split train] [--out R.json] \
       [--workdir W]   # also the held-out NLL bound in bits/dim of the model trained in W
+  python -m diffjax edit --workdir W --image IN.png --strength 0.6 [--label 3] [--mask M.png] --out S.npz
 
 Bad input ends the program with one line ``error: ...`` naming what was wrong, and exit status 2.
 """
@@ -20,6 +21,8 @@ import os
 import sys
 
 import numpy as np
+
+from diffjax.cli_edit import add_edit_parser, cmd_edit
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -326,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     "--checkpoint-step", type=int, default=None, help="checkpoint of --workdir (default: latest)"
   )
   e.add_argument("--seed", type=int, default=0, help="noise seed of the likelihood bound")
+  add_edit_parser(sub)
   return p
 
 
@@ -344,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
       return cmd_train_judge(args)
     if args.command == "eval":
       return cmd_eval(args)
+    if args.command == "edit":
+      return cmd_edit(args)
     if not 0.0 <= args.eta <= 1.0:
       raise ValueError(f"--eta must be in [0, 1], got {args.eta}")
     return cmd_sample(args)

@@ -146,3 +146,39 @@ def test_image_of_wrong_rank_is_a_clear_error():
 
   with pytest.raises(ValueError, match=r"images must have rank 4"):
     validate_images(np.zeros((10, 28, 28), np.uint8))
+
+
+def test_edit_png_with_mask_keeps_the_unmasked_half(trained, tmp_path):
+  guide = (np.arange(64, dtype=np.uint8).reshape(8, 8) * 4).astype(np.uint8)
+  Image.fromarray(guide).save(tmp_path / "g.png")
+  mask = np.zeros((8, 8), np.uint8)
+  mask[:, 4:] = 255
+  Image.fromarray(mask).save(tmp_path / "m.png")
+  out = str(tmp_path / "e.npz")
+  argv = ["edit", "--workdir", trained, "--image", str(tmp_path / "g.png"), "--strength", "0.5"]
+  assert main([*argv, "--mask", str(tmp_path / "m.png"), "--num", "3", "--label", "7", "--out", out]) == 0
+  data = np.load(out)
+  assert data["images"].shape == (3, 8, 8, 1) and list(data["labels"]) == [7, 7, 7]
+  np.testing.assert_array_equal(data["images"][:, :, :4, 0], np.broadcast_to(guide[:, :4], (3, 8, 4)))
+  assert (data["images"][:, :, 4:] != data["guides"][:, :, 4:]).any()
+  assert Image.open(out[:-4] + ".png").size[1] >= 16
+
+
+@pytest.mark.parametrize(
+  "extra, needle",
+  [
+    (["--strength", "0"], "--strength must be in (0, 1], got 0.0"),
+    (["--label", "12"], "--label must be in [0, 10), got 12"),
+    (["--image", "/no/such.png"], "--image file '/no/such.png' does not exist"),
+    (["--image", "WIDE"], "is 9x8 but the model makes 8x8"),
+    (["--out", "x.png"], "--out must end with .npz"),
+  ],
+)
+def test_edit_bad_inputs(trained, tmp_path, capsys, extra, needle):
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "g.png")
+  Image.fromarray(np.zeros((8, 9), np.uint8)).save(tmp_path / "w.png")
+  argv = ["edit", "--workdir", trained, "--image", str(tmp_path / "g.png"), "--out", str(tmp_path / "e.npz")]
+  argv += [str(tmp_path / "w.png") if a == "WIDE" else a for a in extra]
+  assert main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert needle in err and len(err.splitlines()) == 1, err
