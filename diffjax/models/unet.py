@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from diffjax.models.embeddings import TimestepEmbedding, get_timestep_embedding
+from diffjax.models.guidance_embedding import GuidanceEmbedding
 from diffjax.models.resnet import conv3x3, group_norm
 from diffjax.models.unet_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D
 
@@ -57,6 +58,10 @@ class UNet(nn.Module):
       flip_sin_to_cos: Sinusoidal embedding order ``[cos, sin]``.
       freq_shift: diffusers ``downscale_freq_shift``.
       dtype: Compute dtype (parameters are always float32).
+      guidance_embedding: Adds a ``guidance_embedding`` subtree that embeds a per-example guidance
+          weight w (call argument ``guidance``) into the time embedding, for students distilled from a
+          classifier-free-guided teacher (:mod:`diffjax.distillation.guided`). Off by default; when
+          off the parameter tree is unchanged.
   """
 
   in_channels: int = 1
@@ -72,6 +77,7 @@ class UNet(nn.Module):
   flip_sin_to_cos: bool = True
   freq_shift: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  guidance_embedding: bool = False
 
   @property
   def null_label(self) -> int:
@@ -158,6 +164,7 @@ class UNet(nn.Module):
     label: jnp.ndarray | None = None,
     *,
     train: bool = False,
+    guidance: jnp.ndarray | None = None,
   ) -> jnp.ndarray:
     """Predicts the noise (or whatever target it was trained on).
 
@@ -171,6 +178,8 @@ class UNet(nn.Module):
             a label is an error.
         train: Enables dropout (needs ``rngs={'dropout': key}`` when
             ``dropout > 0``).
+        guidance: ``[B]`` float guidance weights w, required by (and only accepted by) a model
+            with ``guidance_embedding=True``.
 
     Returns:
         ``[B, H, W, out_channels]`` in ``dtype``.
@@ -205,6 +214,11 @@ class UNet(nn.Module):
         label
       )
       emb = emb + class_emb
+    if self.guidance_embedding != (guidance is not None):
+      raise ValueError(f"guidance must be given iff guidance_embedding=True (got {self.guidance_embedding})")
+    if guidance is not None:
+      w = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), t.shape)
+      emb = emb + GuidanceEmbedding(time_embed_dim, dtype=self.dtype, name="guidance_embedding")(w)
 
     # 2. Stem.
     h = conv3x3(chans[0], self.dtype, "conv_in")(x.astype(self.dtype))
