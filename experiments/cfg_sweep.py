@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trained_run import balanced_labels, load_run, load_scorer, machine, sample_timed, write_results
+from trained_run import RowCache, balanced_labels, load_run, load_scorer, machine, sample_timed, write_results
 
 from diffjax.images import save_image_grid
 from diffjax.sampling import make_generate
@@ -52,7 +52,21 @@ def main() -> None:
     prediction=run.config.diffusion.prediction,
   )
   rows, grids = [], []
+  cache = RowCache(
+    a.name,
+    {
+      "workdir": os.path.abspath(a.workdir),
+      "judge": os.path.abspath(a.judge),
+      "num": a.num,
+      "seed": a.seed,
+      "steps": a.steps,
+    },
+  )
   for s in a.scales:
+    if cache.get(str(s)):
+      rows.append(cache.get(str(s)))
+      print(f"s={s:g}: reused", flush=True)
+      continue
     images, seconds = sample_timed(
       generate,
       run.params,
@@ -65,6 +79,7 @@ def main() -> None:
     )
     score = scorer(images, labels)
     rows.append({"guidance_scale": s, "paper_w": s - 1.0, "seconds": round(seconds, 2), **score})
+    cache.put(str(s), rows[-1])
     grids.append(images[: 2 * run.num_classes])
     print(
       f"s={s:g}: acc {score['class_accuracy']:.3f} FD {score['frechet_distance']:.3f} "
@@ -72,9 +87,10 @@ def main() -> None:
       flush=True,
     )
   # One grid: a row pair per scale, classes along the columns.
-  save_image_grid(
-    np.concatenate(grids), os.path.join("experiments/results", f"{a.name}_grid.png"), nrow=run.num_classes
-  )
+  if grids:  # (rows reused from an earlier, stopped run are not in the grid)
+    save_image_grid(
+      np.concatenate(grids), os.path.join("experiments/results", f"{a.name}_grid.png"), nrow=run.num_classes
+    )
 
   acc = [r["class_accuracy"] for r in rows]
   order = np.argsort(a.scales)

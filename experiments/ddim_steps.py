@@ -22,6 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trained_run import (
+  RowCache,
   balanced_labels,
   load_run,
   load_scorer,
@@ -57,13 +58,24 @@ def main() -> None:
   ddim = make_generate(sampler="ddim", **common)
   rows = []
 
+  cache = RowCache(
+    a.name,
+    {"workdir": os.path.abspath(a.workdir), "judge": os.path.abspath(a.judge), "num": a.num, "seed": a.seed},
+  )
+
   def record(sampler, eta, steps, gen_kwargs, generate):
+    key = f"{sampler}/{eta}/{steps}"
+    if cache.get(key):
+      rows.append(cache.get(key))
+      print(f"{key}: reused", flush=True)
+      return None
     images, seconds = sample_timed(
       generate, run.params, labels=labels, batch_size=a.batch_size, seed=a.seed, **gen_kwargs
     )
     score = scorer(images, labels)
     row = dict(sampler=sampler, eta=eta, steps=steps, seconds=round(seconds, 2), **score)
     rows.append(row)
+    cache.put(key, row)
     print(
       f"{sampler:5s} eta={eta} steps={steps:4d}: FD {score['frechet_distance']:.3f} "
       f"acc {score['class_accuracy']:.3f} P {score['precision']:.3f} R {score['recall']:.3f} ({seconds:.0f}s)",
@@ -74,7 +86,7 @@ def main() -> None:
   for eta in a.etas:
     for steps in a.steps:
       images = record("ddim", eta, steps, {"num_steps": steps, "guidance": 1.0, "eta": eta}, ddim)
-      if steps == max(a.steps):
+      if steps == max(a.steps) and images is not None:
         save_image_grid(
           images[:100], os.path.join("experiments/results", f"{a.name}_ddim_eta{eta:g}.png"), nrow=10
         )
@@ -82,7 +94,8 @@ def main() -> None:
     T = run.schedule.num_timesteps
     ddpm = make_generate(sampler="ddpm", **common)
     images = record("ddpm", 1.0, T, {"guidance": 1.0}, ddpm)
-    save_image_grid(images[:100], os.path.join("experiments/results", f"{a.name}_ddpm.png"), nrow=10)
+    if images is not None:
+      save_image_grid(images[:100], os.path.join("experiments/results", f"{a.name}_ddpm.png"), nrow=10)
 
   def find(sampler, eta, steps):
     return next((r for r in rows if (r["sampler"], r["eta"], r["steps"]) == (sampler, eta, steps)), None)

@@ -121,3 +121,33 @@ def write_results(name: str, result: dict, markdown: str) -> None:
   with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
     f.write(markdown)
   print(markdown)
+
+
+class RowCache:
+  """Rows of a sweep saved after each one, so a stopped experiment restarts where it stopped.
+
+  Kept in ``runs/partial/<name>.json`` together with the settings that produced them; rows are reused
+  only when the settings are identical (same model, judge, sample count, seed, ...).
+  """
+
+  def __init__(self, name: str, settings: dict):
+    self.path = os.path.join("runs", "partial", f"{name}.json")
+    self.settings = json.loads(json.dumps(settings))
+    self.rows: dict[str, dict] = {}
+    if os.path.isfile(self.path):
+      with open(self.path) as f:
+        saved = json.load(f)
+      if saved.get("settings") == self.settings:
+        self.rows = saved["rows"]
+        print(f"reusing {len(self.rows)} finished rows from {self.path}", flush=True)
+
+  def get(self, key: str) -> dict | None:
+    return self.rows.get(key)
+
+  def put(self, key: str, row: dict) -> None:
+    self.rows[key] = row
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump({"settings": self.settings, "rows": self.rows}, f, allow_nan=False)
+    os.replace(tmp, self.path)
