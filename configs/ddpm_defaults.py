@@ -20,6 +20,11 @@ def base_config() -> ml_collections.ConfigDict:
       norm_num_groups=8,
       dropout=0.1,
       num_classes=10,
+      # Compute dtype ("bfloat16" on accelerators; parameters stay float32), rematerialised blocks
+      # (less activation memory), attention core ("auto": blocked kernel on CPU, einsum elsewhere).
+      dtype="float32",
+      remat=False,
+      attention_impl="auto",
     )
   )
   c.diffusion = ml_collections.ConfigDict(

@@ -6,8 +6,11 @@
 over the ``H * W`` tokens, ``to_out.0`` projection and a residual connection),
 as in the DDPM U-Net (Ho et al. 2020) and Dhariwal & Nichol 2021.
 
-The attention core is the standalone function :func:`dot_product_attention`
-so it can later be swapped for a fused/flash kernel.
+The attention core is a standalone function: :func:`dot_product_attention`
+(the plain einsum form, best under XLA on GPU/TPU) or
+:func:`diffjax.models.attention_kernels.blocked_attention` (the same function
+with a blocked, hand-differentiated formulation that is much faster on
+XLA:CPU); ``attention_impl="auto"`` picks per backend.
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffjax.models.attention_kernels import blocked_attention
 from diffjax.models.resnet import group_norm
 
-__all__ = ["dot_product_attention", "AttentionBlock"]
+__all__ = ["ATTENTION_IMPLS", "AttentionBlock", "dot_product_attention", "resolve_attention_fn"]
 
 AttentionFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+ATTENTION_IMPLS = ("auto", "xla", "blocked")
 
 
 def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
@@ -53,6 +59,27 @@ def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp
   return out.astype(q.dtype)
 
 
+def resolve_attention_fn(impl: str) -> AttentionFn:
+  """The attention core for an ``attention_impl`` name.
+
+  Args:
+      impl: ``"xla"`` (:func:`dot_product_attention`), ``"blocked"``
+          (:func:`~diffjax.models.attention_kernels.blocked_attention`) or
+          ``"auto"`` (``"blocked"`` on the CPU backend, ``"xla"`` elsewhere).
+
+  Returns:
+      A function ``(q, k, v) -> out`` on ``[B, L, heads, d]`` arrays.
+
+  Raises:
+      ValueError: If ``impl`` is not one of :data:`ATTENTION_IMPLS`.
+  """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={impl!r} is not one of {ATTENTION_IMPLS}")
+  if impl == "auto":
+    impl = "blocked" if jax.default_backend() == "cpu" else "xla"
+  return blocked_attention if impl == "blocked" else dot_product_attention
+
+
 class AttentionBlock(nn.Module):
   """Residual multi-head self-attention over the spatial positions.
 
@@ -65,15 +92,18 @@ class AttentionBlock(nn.Module):
       norm_num_groups: GroupNorm groups.
       norm_eps: GroupNorm epsilon.
       dtype: Compute dtype; parameters stay float32.
-      attention_fn: Attention core with the signature of
-          :func:`dot_product_attention`.
+      attention_impl: Which attention core to use when ``attention_fn`` is
+          ``None``; see :func:`resolve_attention_fn`.
+      attention_fn: An explicit attention core with the signature of
+          :func:`dot_product_attention` (overrides ``attention_impl``).
   """
 
   attention_head_dim: int = 8
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
   dtype: jnp.dtype = jnp.float32
-  attention_fn: AttentionFn = dot_product_attention
+  attention_impl: str = "auto"
+  attention_fn: AttentionFn | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -102,6 +132,7 @@ class AttentionBlock(nn.Module):
     def split(t: jnp.ndarray) -> jnp.ndarray:
       return t.reshape(b, h * w, heads, self.attention_head_dim)
 
-    out = self.attention_fn(split(q), split(k), split(v)).reshape(b, h * w, c)
+    attend = self.attention_fn or resolve_attention_fn(self.attention_impl)
+    out = attend(split(q), split(k), split(v)).reshape(b, h * w, c)
     out = nn.Dense(c, dtype=self.dtype, name="to_out_0")(out)
     return x + out.reshape(b, h, w, c).astype(x.dtype)

@@ -71,13 +71,14 @@ class ResnetBlock2D(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     """Applies the block.
 
     Args:
         x: ``[B, H, W, C_in]`` feature map.
         temb: ``[B, E]`` time (+ class) embedding.
-        train: Enables dropout (needs the ``'dropout'`` rng).
+        train: Enables dropout (needs the ``'dropout'`` rng). Positional or
+            keyword, so that ``nn.remat`` can mark it static.
 
     Returns:
         ``[B, H, W, C_out]`` feature map.

@@ -58,6 +58,13 @@ class UNet(nn.Module):
       flip_sin_to_cos: Sinusoidal embedding order ``[cos, sin]``.
       freq_shift: diffusers ``downscale_freq_shift``.
       dtype: Compute dtype (parameters are always float32).
+      attention_impl: Attention core: ``"auto"`` (blocked on CPU, einsum
+          elsewhere), ``"xla"`` (plain einsum) or ``"blocked"``; see
+          :mod:`diffjax.models.attention_kernels`. Same parameters and
+          function either way.
+      remat: Rematerialise every ResNet and attention block (``nn.remat``):
+          less activation memory for about one more forward pass of compute,
+          for accelerators whose memory limits the batch. Same parameters.
       guidance_embedding: Adds a ``guidance_embedding`` subtree that embeds a per-example guidance
           weight w (call argument ``guidance``) into the time embedding, for students distilled from a
           classifier-free-guided teacher (:mod:`diffjax.distillation.guided`). Off by default; when
@@ -77,6 +84,8 @@ class UNet(nn.Module):
   flip_sin_to_cos: bool = True
   freq_shift: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  attention_impl: str = "auto"
+  remat: bool = False
   guidance_embedding: bool = False
 
   @property
@@ -199,6 +208,8 @@ class UNet(nn.Module):
       norm_eps=self.norm_eps,
       dropout=self.dropout,
       dtype=self.dtype,
+      attention_impl=self.attention_impl,
+      remat=self.remat,
     )
 
     # 1. Time (+ class) embedding; sinusoidal features are always float32.

@@ -5,6 +5,11 @@ Layout and names follow diffusers' ``DownBlock2D``/``AttnDownBlock2D``,
 ``UNet2DModel`` (submodules ``resnets_{i}``, ``attentions_{i}``,
 ``downsamplers_0``, ``upsamplers_0``), i.e. the DDPM U-Net of Ho et al. 2020
 with the refinements of Dhariwal & Nichol 2021.
+
+Every block can rematerialise its ResNet and attention sub-blocks
+(``remat=True``: activations inside them are recomputed in the backward pass
+instead of stored, trading compute for accelerator memory); parameter names
+and values are unaffected.
 """
 
 from __future__ import annotations
@@ -19,8 +24,38 @@ from diffjax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 __all__ = ["DownBlock2D", "UNetMidBlock2D", "UpBlock2D"]
 
+# ``train`` (argument 3 counting ``self``) selects dropout, so it must stay static under remat.
+_RematResnetBlock2D = nn.remat(ResnetBlock2D, static_argnums=(3,))
+_RematAttentionBlock = nn.remat(AttentionBlock)
 
-class DownBlock2D(nn.Module):
+
+class _BlockLayers:
+  """Builds the ResNet and attention sub-blocks of a U-Net block from its attributes."""
+
+  def _resnet(self, out_channels: int, name: str):
+    cls = _RematResnetBlock2D if self.remat else ResnetBlock2D
+    return cls(
+      out_channels,
+      norm_num_groups=self.norm_num_groups,
+      norm_eps=self.norm_eps,
+      dropout=self.dropout,
+      dtype=self.dtype,
+      name=name,
+    )
+
+  def _attention(self, name: str):
+    cls = _RematAttentionBlock if self.remat else AttentionBlock
+    return cls(
+      attention_head_dim=self.attention_head_dim,
+      norm_num_groups=self.norm_num_groups,
+      norm_eps=self.norm_eps,
+      dtype=self.dtype,
+      attention_impl=self.attention_impl,
+      name=name,
+    )
+
+
+class DownBlock2D(_BlockLayers, nn.Module):
   """``num_layers`` ResNet blocks (each optionally followed by attention),
   then an optional strided-conv downsampler.
 
@@ -37,6 +72,9 @@ class DownBlock2D(nn.Module):
       norm_eps: GroupNorm epsilon.
       dropout: ResNet dropout rate.
       dtype: Compute dtype.
+      attention_impl: Attention core (see
+          :func:`diffjax.models.attention.resolve_attention_fn`).
+      remat: Rematerialise the ResNet and attention sub-blocks.
   """
 
   out_channels: int
@@ -48,6 +86,8 @@ class DownBlock2D(nn.Module):
   norm_eps: float = 1e-5
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  attention_impl: str = "auto"
+  remat: bool = False
 
   @nn.compact
   def __call__(
@@ -67,22 +107,9 @@ class DownBlock2D(nn.Module):
     """
     skips = []
     for i in range(self.num_layers):
-      x = ResnetBlock2D(
-        self.out_channels,
-        norm_num_groups=self.norm_num_groups,
-        norm_eps=self.norm_eps,
-        dropout=self.dropout,
-        dtype=self.dtype,
-        name=f"resnets_{i}",
-      )(x, temb, train=train)
+      x = self._resnet(self.out_channels, f"resnets_{i}")(x, temb, train)
       if self.add_attention:
-        x = AttentionBlock(
-          attention_head_dim=self.attention_head_dim,
-          norm_num_groups=self.norm_num_groups,
-          norm_eps=self.norm_eps,
-          dtype=self.dtype,
-          name=f"attentions_{i}",
-        )(x)
+        x = self._attention(f"attentions_{i}")(x)
       skips.append(x)
     if self.add_downsample:
       x = Downsample2D(self.out_channels, dtype=self.dtype, name="downsamplers_0")(x)
@@ -90,7 +117,7 @@ class DownBlock2D(nn.Module):
     return x, tuple(skips)
 
 
-class UNetMidBlock2D(nn.Module):
+class UNetMidBlock2D(_BlockLayers, nn.Module):
   """Bottleneck: ResNet -> attention -> ResNet (diffusers ``UNetMidBlock2D``).
 
   Attributes:
@@ -99,6 +126,9 @@ class UNetMidBlock2D(nn.Module):
       norm_eps: GroupNorm epsilon.
       dropout: ResNet dropout rate.
       dtype: Compute dtype.
+      attention_impl: Attention core (see
+          :func:`diffjax.models.attention.resolve_attention_fn`).
+      remat: Rematerialise the ResNet and attention sub-blocks.
   """
 
   attention_head_dim: int = 8
@@ -106,6 +136,8 @@ class UNetMidBlock2D(nn.Module):
   norm_eps: float = 1e-5
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  attention_impl: str = "auto"
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
@@ -120,24 +152,12 @@ class UNetMidBlock2D(nn.Module):
         ``[B, H, W, C]``.
     """
     c = x.shape[-1]
-    kw = dict(
-      norm_num_groups=self.norm_num_groups,
-      norm_eps=self.norm_eps,
-      dropout=self.dropout,
-      dtype=self.dtype,
-    )
-    x = ResnetBlock2D(c, name="resnets_0", **kw)(x, temb, train=train)
-    x = AttentionBlock(
-      attention_head_dim=self.attention_head_dim,
-      norm_num_groups=self.norm_num_groups,
-      norm_eps=self.norm_eps,
-      dtype=self.dtype,
-      name="attentions_0",
-    )(x)
-    return ResnetBlock2D(c, name="resnets_1", **kw)(x, temb, train=train)
+    x = self._resnet(c, "resnets_0")(x, temb, train)
+    x = self._attention("attentions_0")(x)
+    return self._resnet(c, "resnets_1")(x, temb, train)
 
 
-class UpBlock2D(nn.Module):
+class UpBlock2D(_BlockLayers, nn.Module):
   """``num_layers`` ResNet blocks on ``concat([x, skip])`` (each optionally
   followed by attention), then an optional nearest-x2 + conv upsampler.
 
@@ -154,6 +174,9 @@ class UpBlock2D(nn.Module):
       norm_eps: GroupNorm epsilon.
       dropout: ResNet dropout rate.
       dtype: Compute dtype.
+      attention_impl: Attention core (see
+          :func:`diffjax.models.attention.resolve_attention_fn`).
+      remat: Rematerialise the ResNet and attention sub-blocks.
   """
 
   out_channels: int
@@ -165,6 +188,8 @@ class UpBlock2D(nn.Module):
   norm_eps: float = 1e-5
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  attention_impl: str = "auto"
+  remat: bool = False
 
   @nn.compact
   def __call__(
@@ -205,22 +230,9 @@ class UpBlock2D(nn.Module):
           "input height and width must be divisible by 2**(levels-1)"
         )
       x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
-      x = ResnetBlock2D(
-        self.out_channels,
-        norm_num_groups=self.norm_num_groups,
-        norm_eps=self.norm_eps,
-        dropout=self.dropout,
-        dtype=self.dtype,
-        name=f"resnets_{i}",
-      )(x, temb, train=train)
+      x = self._resnet(self.out_channels, f"resnets_{i}")(x, temb, train)
       if self.add_attention:
-        x = AttentionBlock(
-          attention_head_dim=self.attention_head_dim,
-          norm_num_groups=self.norm_num_groups,
-          norm_eps=self.norm_eps,
-          dtype=self.dtype,
-          name=f"attentions_{i}",
-        )(x)
+        x = self._attention(f"attentions_{i}")(x)
     if self.add_upsample:
       x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
     return x
