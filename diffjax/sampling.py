@@ -30,6 +30,7 @@ def make_generate(
   prediction: str = "eps",
   spacing: str | None = None,
   variance: str = "small",
+  clip_x0: float | None = 1.0,
 ) -> Callable:
   """Builds a jitted ``generate(params, key, labels, num_steps, guidance, eta) -> [B, H, W, C]``.
 
@@ -43,6 +44,7 @@ def make_generate(
     spacing: timestep spacing of "ddim" / "dpm_solver++"; None picks the sampler's default, "uniform"
       for DDIM and "trailing" for DPM-Solver++ (which is poor on "uniform", whose last steps reach t = 0).
     variance: DDPM reverse variance, "small" or "large".
+    clip_x0: clip of the predicted clean image at every step (None: no clipping, as DDIM's own code).
 
   The returned function takes labels ``[B]`` int (ignored for an unconditional model, whose batch
   size it still sets) and a guidance scale (scalar or ``[B]``); w = 1 means no guidance.
@@ -76,6 +78,7 @@ def make_generate(
         cond=cond,
         variance=variance,
         prediction=prediction,
+        clip_x0=clip_x0,
       )
     if sampler == "dpm_solver++":
       return dpm_solver_sample(
@@ -88,6 +91,7 @@ def make_generate(
         num_steps=num_steps,
         spacing=spacing,
         prediction=prediction,
+        clip_x0=clip_x0,
       )
     return ddim_sample(
       model_fn=model_fn,
@@ -100,6 +104,7 @@ def make_generate(
       eta=eta,
       spacing=spacing,
       prediction=prediction,
+      clip_x0=clip_x0,
     )
 
   def checked(params, key, labels, num_steps=50, guidance=1.0, eta=0.0):

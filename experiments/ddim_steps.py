@@ -45,6 +45,7 @@ def main() -> None:
   p.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100])
   p.add_argument("--etas", type=float, nargs="+", default=[0.0, 1.0])
   p.add_argument("--no-ddpm", action="store_true", help="skip the 1000-step DDPM reference")
+  p.add_argument("--no-clip", action="store_true", help="no x0 clipping (DDIM's code) instead of [-1, 1]")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--name", default="ddim_steps")
   a = p.parse_args()
@@ -54,13 +55,26 @@ def main() -> None:
   scorer, judge_info = load_scorer(a.judge, run, data_path=a.data_path)
   labels = balanced_labels(a.num, run.num_classes)
   pred = run.config.diffusion.prediction
-  common = {"model": run.model, "schedule": run.schedule, "image_shape": run.image_shape, "prediction": pred}
+  clip = None if a.no_clip else 1.0
+  common = {
+    "clip_x0": clip,
+    "model": run.model,
+    "schedule": run.schedule,
+    "image_shape": run.image_shape,
+    "prediction": pred,
+  }
   ddim = make_generate(sampler="ddim", **common)
   rows = []
 
   cache = RowCache(
     a.name,
-    {"workdir": os.path.abspath(a.workdir), "judge": os.path.abspath(a.judge), "num": a.num, "seed": a.seed},
+    {
+      "workdir": os.path.abspath(a.workdir),
+      "judge": os.path.abspath(a.judge),
+      "num": a.num,
+      "seed": a.seed,
+      "clip_x0": clip,
+    },
   )
 
   def record(sampler, eta, steps, gen_kwargs, generate):
@@ -76,12 +90,67 @@ def main() -> None:
     row = dict(sampler=sampler, eta=eta, steps=steps, seconds=round(seconds, 2), **score)
     rows.append(row)
     cache.put(key, row)
+    report(complete=False)
     print(
       f"{sampler:5s} eta={eta} steps={steps:4d}: FD {score['frechet_distance']:.3f} "
       f"acc {score['class_accuracy']:.3f} P {score['precision']:.3f} R {score['recall']:.3f} ({seconds:.0f}s)",
       flush=True,
     )
     return images
+
+  def report(complete: bool) -> None:
+    """Writes the results so far (after every row, so a stopped run still reports what it measured)."""
+
+    def find(sampler, eta, steps):
+      return next((r for r in rows if (r["sampler"], r["eta"], r["steps"]) == (sampler, eta, steps)), None)
+
+    checks = {}
+    r0, r1 = find("ddim", 0.0, 20), find("ddim", 1.0, 20)
+    if r0 and r1:
+      checks["ddim_eta0_beats_eta1_at_20_steps"] = r0["frechet_distance"] < r1["frechet_distance"]
+    r50, rddpm = find("ddim", 0.0, 50), next((r for r in rows if r["sampler"] == "ddpm"), None)
+    if r50 and rddpm:
+      checks["ddim50_over_ddpm1000_frechet_ratio"] = round(
+        r50["frechet_distance"] / rddpm["frechet_distance"], 3
+      )
+
+    result = {
+      "command": "python " + " ".join(sys.argv),
+      "machine": machine(),
+      "workdir": a.workdir,
+      "trained_steps": int(run.config.training.num_steps),
+      "judge": a.judge,
+      "judge_heldout_accuracy": judge_info.get("heldout_accuracy"),
+      "num_samples": a.num,
+      "guidance": 1.0,
+      "clip_x0": clip,
+      "seed": a.seed,
+      "complete": complete,
+      "rows": rows,
+      "checks": checks,
+      "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    lines = [
+      f"# {a.name}: sample quality vs sampling steps (DDIM Table 1 shape)"
+      + ("" if complete else " (partial: the run is still going or stopped early)")
+      + "\n",
+      (
+        f"`{result['command']}` on {result['machine']}; {a.num} class-conditional samples per row (w = 1), "
+        f"same labels and initial noise in every row; predicted x0 clipped to {clip}; judge held-out accuracy on real images "
+        f"{judge_info.get('heldout_accuracy')}. Fréchet distance (FD) on judge features against all "
+        f"{scorer.num_reference} real images; lower is better.\n"
+      ),
+      "| sampler | eta | steps | FD | class accuracy | precision | recall | seconds |",
+      "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+      lines.append(
+        f"| {r['sampler']} | {r['eta']:g} | {r['steps']} | {r['frechet_distance']:.3f} | "
+        f"{r['class_accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['seconds']:.0f} |"
+      )
+    lines.append("")
+    lines += [f"- {k}: {v}" for k, v in checks.items()]
+    write_results(a.name, result, "\n".join(lines) + "\n")
 
   for eta in a.etas:
     for steps in a.steps:
@@ -96,53 +165,7 @@ def main() -> None:
     images = record("ddpm", 1.0, T, {"guidance": 1.0}, ddpm)
     if images is not None:
       save_image_grid(images[:100], os.path.join("experiments/results", f"{a.name}_ddpm.png"), nrow=10)
-
-  def find(sampler, eta, steps):
-    return next((r for r in rows if (r["sampler"], r["eta"], r["steps"]) == (sampler, eta, steps)), None)
-
-  checks = {}
-  r0, r1 = find("ddim", 0.0, 20), find("ddim", 1.0, 20)
-  if r0 and r1:
-    checks["ddim_eta0_beats_eta1_at_20_steps"] = r0["frechet_distance"] < r1["frechet_distance"]
-  r50, rddpm = find("ddim", 0.0, 50), next((r for r in rows if r["sampler"] == "ddpm"), None)
-  if r50 and rddpm:
-    checks["ddim50_over_ddpm1000_frechet_ratio"] = round(
-      r50["frechet_distance"] / rddpm["frechet_distance"], 3
-    )
-
-  result = {
-    "command": "python " + " ".join(sys.argv),
-    "machine": machine(),
-    "workdir": a.workdir,
-    "trained_steps": int(run.config.training.num_steps),
-    "judge": a.judge,
-    "judge_heldout_accuracy": judge_info.get("heldout_accuracy"),
-    "num_samples": a.num,
-    "guidance": 1.0,
-    "seed": a.seed,
-    "rows": rows,
-    "checks": checks,
-    "wall_s": round(time.perf_counter() - t_start, 1),
-  }
-  lines = [
-    f"# {a.name}: sample quality vs sampling steps (DDIM Table 1 shape)\n",
-    (
-      f"`{result['command']}` on {result['machine']}; {a.num} class-conditional samples per row (w = 1), "
-      f"same labels and initial noise in every row; judge held-out accuracy on real images "
-      f"{judge_info.get('heldout_accuracy')}. Fréchet distance (FD) on judge features against all "
-      f"{scorer.num_reference} real images; lower is better.\n"
-    ),
-    "| sampler | eta | steps | FD | class accuracy | precision | recall | seconds |",
-    "|---|---|---|---|---|---|---|---|",
-  ]
-  for r in rows:
-    lines.append(
-      f"| {r['sampler']} | {r['eta']:g} | {r['steps']} | {r['frechet_distance']:.3f} | "
-      f"{r['class_accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['seconds']:.0f} |"
-    )
-  lines.append("")
-  lines += [f"- {k}: {v}" for k, v in checks.items()]
-  write_results(a.name, result, "\n".join(lines) + "\n")
+  report(complete=True)
 
 
 if __name__ == "__main__":
