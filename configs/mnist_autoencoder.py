@@ -7,7 +7,8 @@ The digits are padded with background to 32x32 so that the 8x8 latent can be hal
 latent-diffusion U-Net (8 -> 4 -> 2); held-out PSNR is measured on the central 28x28 (the original
 pixels), with 500 images of MNIST's test split held out (the only split offline). L1 + 1e-6 KL.
 Smoke: ``configs/mnist_autoencoder.py:smoke``.
-Expect (2 cores shared with other jobs): see experiments/results/autoencoder_mnist.md.
+Expect (800 steps, ~21 min on 2 CPU cores shared with other jobs): held-out PSNR 26.0 dB, scaling
+factor ~0.53; experiments/results/autoencoder_mnist.md.
 """
 
 from autoencoder_defaults import base_config, smoke

@@ -37,19 +37,35 @@ from diffjax.training.workdir import MetricsLog
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def _psnr(a_uint8: np.ndarray, b_uint8: np.ndarray) -> float:
+  mse = np.mean((a_uint8.astype(np.float64) - b_uint8.astype(np.float64)) ** 2)
+  return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
+
+
 def strip_psnr(module, params, config, out_png: str) -> list[dict]:
-  """Encodes/decodes each photograph's held-out column strip whole; saves original | reconstruction."""
-  f = 2 ** (len(config.model.block_out_channels) - 1)
+  """Each photograph's held-out column strip (never seen in training), reconstructed two ways.
+
+  "tiled": cut into the training patch size, each tile encoded and decoded, stitched back; "whole": the
+  strip encoded and decoded in one piece, an input 50x larger than any training patch. Saves
+  original | tiled | whole side by side, one photograph per row.
+  """
+  p = config.data.patch_size
   rows, out = [], []
   for i, img in enumerate(sample_photographs()):
     h, w, _ = img.shape
     x0 = round(w * (1.0 - config.data.holdout_fraction))
-    strip = img[: h - h % f, x0 : x0 + (w - x0) - (w - x0) % f][None]
-    recon = to_uint8(reconstruct(module, params, strip, batch_size=1))
-    value = float(heldout_psnr(module, params, strip, batch_size=1)[0])
-    out.append({"photo": i, "shape": list(strip.shape[1:]), "psnr": value})
-    rows.append(np.concatenate([strip[0], np.full((strip.shape[1], 4, 3), 255, np.uint8), recon[0]], axis=1))
-  save_image_grid(np.stack(rows), out_png, nrow=len(rows))
+    strip = img[: h - h % p, x0 : x0 + (w - x0) - (w - x0) % p]
+    sh, sw = strip.shape[:2]
+    tiles = strip.reshape(sh // p, p, sw // p, p, 3).transpose(0, 2, 1, 3, 4).reshape(-1, p, p, 3)
+    tiled = to_uint8(reconstruct(module, params, tiles)).reshape(sh // p, sw // p, p, p, 3)
+    tiled = tiled.transpose(0, 2, 1, 3, 4).reshape(sh, sw, 3)
+    whole = to_uint8(reconstruct(module, params, strip[None], batch_size=1))[0]
+    out.append(
+      {"photo": i, "shape": [sh, sw], "psnr_tiled": _psnr(strip, tiled), "psnr_whole": _psnr(strip, whole)}
+    )
+    sep = np.full((sh, 4, 3), 255, np.uint8)
+    rows.append(np.concatenate([strip, sep, tiled, sep, whole], axis=1))
+  save_image_grid(np.stack(rows), out_png, nrow=1)
   return out
 
 
@@ -75,11 +91,12 @@ def main() -> None:
   evals = [{"step": r["step"], "heldout_psnr": r["heldout_psnr"]} for r in records if "heldout_psnr" in r]
   os.makedirs(RESULTS, exist_ok=True)
   grid = os.path.join(RESULTS, f"{a.name}_recon.png")
-  n = min(32, len(heldout))
-  recon = to_uint8(reconstruct(module, params, heldout.images[:n]))
+  # 32 held-out images evenly spaced over the held-out set (for the photographs: over both strips).
+  shown = heldout.images[np.linspace(0, len(heldout) - 1, min(32, len(heldout))).round().astype(int)]
+  recon = to_uint8(reconstruct(module, params, shown))
   rows = []
-  for i in range(0, n, 16):
-    rows += [heldout.images[i : i + 16], recon[i : i + 16]]
+  for i in range(0, len(shown), 16):
+    rows += [shown[i : i + 16], recon[i : i + 16]]
   save_image_grid(np.concatenate(rows), grid, nrow=16)
   strips = None
   if config.data.source == "photos":
@@ -99,6 +116,8 @@ def main() -> None:
     "heldout_psnr_mean": float(np.mean(values)),
     "heldout_psnr_median": float(np.median(values)),
     "heldout_psnr_p10": float(np.percentile(values, 10)),
+    # PSNR of the mean squared error pooled over all held-out pixels (not dominated by flat images).
+    "heldout_psnr_pooled": float(10 * np.log10(4.0 / np.mean(4.0 / 10 ** (values / 10)))),
     "psnr_crop": config.eval.get("crop"),
     "heldout_strips": strips,
     "scaling_factor": scaling,
@@ -109,13 +128,14 @@ def main() -> None:
     "final_train_kl_nats": train_logs[-1]["kl"] if train_logs else None,
     "evals": evals,
     "this_call_s": this_call,
-    "recon_grid": os.path.relpath(grid, os.path.dirname(RESULTS)),
+    "recon_grid": os.path.relpath(grid, os.path.dirname(os.path.dirname(RESULTS))),
   }
   with open(os.path.join(RESULTS, f"{a.name}.json"), "w") as fh:
     json.dump(result, fh, indent=2, allow_nan=False)
   with open(os.path.join(RESULTS, f"{a.name}.md"), "w") as fh:
     fh.write(markdown(result, config))
-  print(json.dumps({k: result[k] for k in ("heldout_psnr_mean", "scaling_factor", "train_wall_s")}))
+  keys = ("heldout_psnr_mean", "heldout_psnr_pooled", "scaling_factor", "train_wall_s")
+  print(json.dumps({k: result[k] for k in keys}))
 
 
 def markdown(r: dict, config) -> str:
@@ -142,7 +162,7 @@ def markdown(r: dict, config) -> str:
     f"| held-out PSNR ({r['heldout_examples']} {r['data']['heldout']}"
     + (f", central {r['psnr_crop']}x{r['psnr_crop']}" if r["psnr_crop"] else "")
     + f") | mean {r['heldout_psnr_mean']:.2f} dB, median {r['heldout_psnr_median']:.2f}, "
-    f"10th percentile {r['heldout_psnr_p10']:.2f} |",
+    f"10th percentile {r['heldout_psnr_p10']:.2f}; of the pooled MSE {r['heldout_psnr_pooled']:.2f} |",
     (
       f"| latent scaling factor (1 / std of posterior samples, {r['latent_stats']['num_examples']} training images) "
       f"| {r['scaling_factor']:.4f} (std of the means {r['latent_stats']['std_means']:.4f}) |"
@@ -152,8 +172,19 @@ def markdown(r: dict, config) -> str:
   if r["heldout_strips"]:
     for s in r["heldout_strips"]:
       lines.append(
-        f"| held-out strip of photograph {s['photo']} ({s['shape'][0]}x{s['shape'][1]}, whole) | {s['psnr']:.2f} dB |"
+        f"| held-out strip of photograph {s['photo']} ({s['shape'][0]}x{s['shape'][1]}): in training-size tiles "
+        f"/ in one piece | {s['psnr_tiled']:.2f} dB / {s['psnr_whole']:.2f} dB |"
       )
+  if r["heldout_strips"]:
+    lines += [
+      "",
+      "The strips (`"
+      + r["recon_grid"].replace("_recon.png", "_strip.png")
+      + "`: original | tiles | one piece) "
+      "show that the model, trained on 32x32 patches only, does not carry over to a 50x larger input in one "
+      "piece: GroupNorm then normalises over the whole strip and the mid-block attention attends over 848 "
+      "instead of 16 positions. Encode large images in training-size tiles (or train on larger crops).",
+    ]
   lines += ["", "Held-out PSNR during training (EMA parameters):", "", "| step | PSNR (dB) |", "|---|---|"]
   lines += [f"| {e['step']} | {e['heldout_psnr']:.2f} |" for e in r["evals"]]
   lines += ["", f"Reconstructions (odd rows originals, even rows reconstructions): `{r['recon_grid']}`", ""]

@@ -67,7 +67,9 @@ def load_autoencoder_data(config: ml_collections.ConfigDict) -> tuple[ImageDatas
 
 
 def build_autoencoder(config: ml_collections.ConfigDict) -> AutoencoderKL:
-  return AutoencoderKL(**config.model.to_dict())
+  """``AutoencoderKL(**config.model)``, with sequences as tuples so the module stays hashable (JSON gives lists)."""
+  kwargs = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in config.model.to_dict().items()}
+  return AutoencoderKL(**kwargs)
 
 
 def _build_discriminator(config) -> PatchDiscriminator | None:
