@@ -12,7 +12,7 @@ L1 + 1e-6 KL (LDM's KL-f8 weight); 4 latent channels as in Stable Diffusion's VA
 (it trades PSNR for sharpness). Smoke: ``configs/photos_autoencoder.py:smoke``.
 Expect (700 steps, ~16 min on 2 CPU cores shared with other jobs): held-out PSNR mean 28.3 dB over the
 104 patches (pooled-MSE PSNR 21.8 dB: flat sky patches are easy, foliage is blurred), scaling factor
-~0.24; experiments/results/autoencoder_photos.md.
+~0.23; experiments/results/autoencoder_photos.md.
 """
 
 from autoencoder_defaults import base_config, smoke

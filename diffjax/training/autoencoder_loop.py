@@ -334,9 +334,11 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, *, progre
     last.update(evaluate(final_step))
   stats_path = os.path.join(workdir, LATENT_STATS_FILE)
   if is_main and _stale(stats_path, final_step, e_cfg.use_ema):
+    # Evenly spaced over the training set, which may be ordered (photo patches are grouped by photograph).
     n = min(config.latent_stats.num_examples, len(train_ds))
+    idx = np.linspace(0, len(train_ds) - 1, n).round().astype(int)
     stats = compute_latent_stats(
-      model, eval_params(), train_ds.images[:n], key=jax.random.fold_in(root, _STATS)
+      model, eval_params(), train_ds.images[idx], key=jax.random.fold_in(root, _STATS)
     )
     stats.update(step=final_step, params="ema" if e_cfg.use_ema else "raw", data=train_ds.name)
     _write_json(stats_path, stats)
