@@ -42,6 +42,8 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=50, help="DDIM steps of a full-strength run")
   p.add_argument("--strengths", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8, 1.0])
   p.add_argument("--cell", type=int, default=None, help="stroke cell size (default: image side // 7)")
+  p.add_argument("--brush", type=int, default=1, help="stroke thickening radius in pixels")
+  p.add_argument("--levels", type=int, default=3, help="grey levels of the paintings")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--name", default="sdedit_tradeoff")
   a = p.parse_args()
@@ -54,7 +56,7 @@ def main() -> None:
   n = min(a.num, len(heldout))
   real = heldout.subset(np.arange(n))
   cell = a.cell or max(1, run.image_shape[0] // 7)
-  guides = stroke_paintings(real.images, seed=a.seed, cell=cell, levels=3, brush=1, jitter=1)
+  guides = stroke_paintings(real.images, seed=a.seed, cell=cell, levels=a.levels, brush=a.brush, jitter=1)
   edit = make_sdedit(
     model=run.model,
     schedule=run.schedule,
@@ -111,6 +113,8 @@ def main() -> None:
     "judge": a.judge,
     "num_guides": n,
     "stroke_cell": cell,
+    "stroke_brush": a.brush,
+    "stroke_levels": a.levels,
     "ddim_steps_full": a.steps,
     "rows": rows,
     "checks": checks,
@@ -119,7 +123,8 @@ def main() -> None:
   lines = [
     f"# {a.name}: SDEdit realism vs faithfulness\n",
     (
-      f"`{result['command']}` on {result['machine']}; {n} stroke paintings (cell {cell} px, 3 grey levels) of "
+      f"`{result['command']}` on {result['machine']}; {n} stroke paintings (cell {cell} px, brush {a.brush} px, "
+      f"{a.levels} grey levels) of "
       f"held-out real images, edited without a class by DDIM (eta 0, {a.steps} steps at strength 1, "
       f"ceil(strength x {a.steps}) run). Strength 0 = the paintings themselves. FD: Fréchet distance to all "
       f"{scorer.num_reference} real images on judge features; kept: judge reads the painted digit; RMS: pixel "
