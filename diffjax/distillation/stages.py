@@ -40,7 +40,6 @@ from diffjax.distillation.sampling import make_student_generate
 from diffjax.images import save_image_grid
 from diffjax.models import UNet
 from diffjax.training import builders
-from diffjax.training.restore import load_trained
 from diffjax.training.state import create_train_state, make_optimizer
 from diffjax.training.step import make_model_fn
 from diffjax.training.workdir import MetricsLog, read_config, write_config
@@ -106,6 +105,31 @@ def stage_optimizer(config: ml_collections.ConfigDict, *, num_steps: int):
   )
 
 
+def restore_final_params(ckpt_dir: str, *, model: UNet, tx, image_shape, step: int | None = None):
+  """The EMA parameters of the train state saved in ``ckpt_dir`` (default: its latest step).
+
+  The restore template comes from ``jax.eval_shape`` (shapes only, placed on the default device), so no
+  initialisation is compiled or run: restoring is as cheap as reading the checkpoint.
+  """
+  x, t = np.zeros((1, *image_shape), np.float32), np.zeros((1,), np.int32)
+  y = None if model.num_classes is None else np.zeros((1,), np.int32)
+  kw = {"guidance": np.ones((1,), np.float32)} if getattr(model, "guidance_embedding", False) else {}
+
+  def init(key):
+    return create_train_state(params=model.init({"params": key}, x, t, y, **kw)["params"], tx=tx)
+
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), jax.eval_shape(init, jax.random.key(0))
+  )
+  ckpt = Checkpointer(ckpt_dir)
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint found in {ckpt_dir!r}")
+  state = ckpt.restore(abstract, step=step)
+  ckpt.close()
+  return state.ema_params
+
+
 def _fresh(tree, sharding):
   """A copy in new device buffers (the student's state is donated; the teacher's must survive)."""
   return jax.device_put(jax.tree.map(np.array, jax.device_get(tree)), sharding)
@@ -116,24 +140,30 @@ class _Run:
 
   def __init__(self, config, teacher_workdir: str, workdir: str, progress: bool):
     self.config, self.workdir, self.progress = config, workdir, progress
-    self.teacher_config = read_config(teacher_workdir)
-    self.teacher_model, self.schedule, self.base_params = load_trained(self.teacher_config, teacher_workdir)
-    self.prediction = self.teacher_config.diffusion.prediction
+    self.teacher_workdir = teacher_workdir
+    self.teacher_config = tc = read_config(teacher_workdir)
+    self.prediction = tc.diffusion.prediction
     if self.prediction not in ("v", "x0"):
       raise ValueError(
         f"the teacher in {teacher_workdir!r} predicts {self.prediction!r}: progressive distillation needs a "
         "v- or x0-prediction teacher (x0 = (z - sigma eps) / alpha is ill-posed at the one-step limit)"
       )
+    self.teacher_model, self.schedule = builders.build_model(tc), builders.build_schedule(tc)
     if config.distill.guided and self.teacher_model.num_classes is None:
       raise ValueError("guided distillation needs a class-conditional teacher (model.num_classes set)")
-    self.model = student_model(config, self.teacher_config)
-    self.shape = builders.image_shape(self.teacher_config)
-    self.train_ds, _ = builders.load_data(self.teacher_config)
+    self.model = student_model(config, tc)
+    self.shape = builders.image_shape(tc)
+    self.train_ds, _ = builders.load_data(tc)
     self.mesh = parallel.make_mesh(config.mesh.num_devices)
     parallel.check_batch_size(config.training.batch_size, self.mesh)
     self.rep, self.dat = parallel.replicated(self.mesh), parallel.data_sharded(self.mesh)
     self.root = jax.random.key(config.seed)
-    self.teacher_workdir = teacher_workdir
+    self.base_params = restore_final_params(
+      os.path.join(teacher_workdir, "checkpoints"),
+      model=self.teacher_model,
+      tx=builders.build_optimizer(tc),
+      image_shape=self.shape,
+    )
 
   def optimizer(self, stage: Stage):
     return stage_optimizer(self.config, num_steps=stage.num_steps)
@@ -343,18 +373,13 @@ def load_stage(workdir: str, name: str):
   model = student_model(top, top.teacher_config)
   schedule = builders.build_schedule(top.teacher_config)
   shape = builders.image_shape(top.teacher_config)
-  ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"))
-  if ckpt.latest_step() != cfg.stage.num_steps:
-    raise FileNotFoundError(
-      f"stage {name!r} in {workdir!r} is not finished (latest checkpoint {ckpt.latest_step()})"
-    )
-  x, t, y = np.zeros((1, *shape), np.float32), np.zeros((1,), np.int32), np.zeros((1,), np.int32)
-  kw = {"guidance": np.ones((1,), np.float32)} if model.guidance_embedding else {}
-  template_params = jax.jit(lambda k: model.init({"params": k}, x, t, y, **kw)["params"])(jax.random.key(0))
+  ckpt_dir = os.path.join(stage_dir, "checkpoints")
+  latest = Checkpointer(ckpt_dir).latest_step()
+  if latest != cfg.stage.num_steps:
+    raise FileNotFoundError(f"stage {name!r} in {workdir!r} is not finished (latest checkpoint {latest})")
   tx = stage_optimizer(top, num_steps=int(cfg.stage.num_steps))
-  state = ckpt.restore(create_train_state(params=template_params, tx=tx))
-  ckpt.close()
-  return model, schedule, state.ema_params, cfg
+  params = restore_final_params(ckpt_dir, model=model, tx=tx, image_shape=shape)
+  return model, schedule, params, cfg
 
 
 def stage_names(workdir: str) -> list[str]:

@@ -44,38 +44,38 @@ def test_stage_plan_halves_and_names_stages():
     stage_plan(c, num_timesteps=1000)
 
 
-def test_resume_mid_stage_is_bit_exact_and_finished_stages_are_skipped(teacher, tmp_path):
-  cfg = _config("digits_distill", **{"sample.num": 0})
+def test_resume_mid_stage_is_bit_exact_and_a_finished_stage_is_skipped(teacher, tmp_path):
+  cfg = _config("digits_distill", **{"sample.num": 0, "distill.start_steps": 2})  # one stage: 2 -> 1
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   out = run_distillation(cfg, teacher_workdir=teacher, workdir=straight, progress=False)
-  assert [s["stage"] for s in out] == ["stage_002", "stage_001"] and not any(s["skipped"] for s in out)
-  # 4 + 3 updates: stage_002 finishes, stage_001 stops after step 3 with its last checkpoint at step 2.
-  out = run_distillation(cfg, teacher_workdir=teacher, workdir=resumed, progress=False, max_train_steps=7)
+  assert [s["stage"] for s in out] == ["stage_001"] and not out[0]["skipped"] and out[0]["step"] == 4
+  # Stopped after update 3, as if killed: the last checkpoint is at step 2, so update 3 is redone.
+  out = run_distillation(cfg, teacher_workdir=teacher, workdir=resumed, progress=False, max_train_steps=3)
   assert out[-1]["interrupted"] and out[-1]["step"] == 3
   assert Checkpointer(os.path.join(resumed, "stage_001", "checkpoints")).latest_step() == 2
   out = run_distillation(cfg, teacher_workdir=teacher, workdir=resumed, progress=False)
-  assert out[0]["skipped"] and not out[1]["skipped"] and out[1]["step"] == 4
-  for name in ("stage_002", "stage_001"):
-    for a, b in zip(_params(straight, name), _params(resumed, name)):
-      np.testing.assert_array_equal(a, b)
+  assert not out[0]["skipped"] and out[0]["step"] == 4
+  for a, b in zip(_params(straight, "stage_001"), _params(resumed, "stage_001")):
+    np.testing.assert_array_equal(a, b)
   with open(os.path.join(resumed, "stage_001", "metrics.jsonl")) as f:
-    steps = [json.loads(ln)["step"] for ln in f]
-  assert steps == [2, 4]
-  # Everything finished: a rerun restores and trains nothing.
+    assert [json.loads(ln)["step"] for ln in f] == [2, 4]
+  # Finished: a rerun restores and trains nothing.
   out = run_distillation(cfg, teacher_workdir=teacher, workdir=resumed, progress=False)
-  assert all(s["skipped"] for s in out)
+  assert out[0]["skipped"] and out[0]["loss"] > 0
   with open(os.path.join(resumed, "stage_001", "config.json")) as f:
-    cfg_stage = json.load(f)
-  assert cfg_stage["stage"]["student_steps"] == 1 and cfg_stage["stage"]["teacher"] == "stage_002"
+    stage = json.load(f)["stage"]
+  assert (
+    stage["student_steps"] == 1 and stage["teacher"] == "base" and stage["forward_passes_per_sample"] == 1
+  )
 
 
 def test_cli_guided_distillation_smoke(teacher, tmp_path, capsys):
-  wd = str(tmp_path / "guided")
+  wd, cfg = str(tmp_path / "guided"), os.path.join(ROOT, "configs", "digits_guided_distill.py:smoke")
   rc = main(
     [
       "distill",
       "--config",
-      os.path.join(ROOT, "configs", "digits_guided_distill.py:smoke"),
+      cfg,
       "--teacher",
       teacher,
       "--workdir",
@@ -92,6 +92,10 @@ def test_cli_guided_distillation_smoke(teacher, tmp_path, capsys):
     assert os.path.exists(os.path.join(wd, name, "samples.png"))
   model, _, params, stage_cfg = load_stage(wd, "stage_002")
   assert model.guidance_embedding and "guidance_embedding" in params and stage_cfg.stage.student_steps == 2
+  assert stage_cfg.stage.teacher == "stage_guided"
+  # A rerun finds both stages finished and trains nothing.
+  assert main(["distill", "--config", cfg, "--teacher", teacher, "--workdir", wd, "--no-progress"]) == 0
+  assert all(json.loads(ln)["skipped"] for ln in capsys.readouterr().out.strip().splitlines())
 
 
 def test_cli_refuses_an_eps_teacher_and_unknown_keys(teacher, tmp_path, capsys):
