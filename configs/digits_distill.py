@@ -1,4 +1,4 @@
-"""Progressive distillation of the v-prediction digits teacher from 64 DDIM steps down to 1 (Salimans & Ho 2022).
+"""Progressive distillation of the v-prediction digits teacher, 64 DDIM steps down to 1 (Salimans & Ho 2022).
 
 Run:   python -m diffjax train --config configs/digits_ddpm_v.py --workdir runs/digits_v
        python -m diffjax distill --config configs/digits_distill.py --teacher runs/digits_v \
@@ -12,7 +12,9 @@ Six halvings, 64 -> 32 -> ... -> 1, each a stage of ``steps_per_stage`` updates 
 with DDIM on the 2N-step trailing grid, the student regresses the one-step x target with truncated-SNR
 weighting; no EMA and no dropout in the student, and the learning rate warms up and decays (cosine) within
 each stage (the paper: Adam 5e-5 over 50k steps per halving, linear decay, EMA 0).
-Expect: see experiments/results/distillation.md for the measured stage times and FD / accuracy by steps.
+Expect: about 73 min on a 2-core CPU shared with other jobs (500 updates per halving at batch 128); the
+4-step student's FD 1.12x the teacher's at 64 DDIM steps, 5x better than DDIM or DPM-Solver++ at 4 steps
+(experiments/results/distillation.md).
 """
 
 import ml_collections
