@@ -31,6 +31,7 @@ __all__ = [
   "FeedForward",
   "Transformer2DModel",
   "masked_attention",
+  "sincos_position_embedding_2d",
 ]
 
 # diffusers: the Transformer2DModel GroupNorm uses eps 1e-6; the block LayerNorms use 1e-5.
@@ -69,6 +70,37 @@ def masked_attention(
     logits = jnp.where(mask[:, None, None, :] != 0, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1)
   return jnp.einsum("bhls,bshd->blhd", weights, v.astype(jnp.float32)).astype(q.dtype)
+
+
+def sincos_position_embedding_2d(height: int, width: int, dim: int) -> jnp.ndarray:
+  """Fixed 2-D sine-cosine position embedding of a ``height x width`` grid (as in MAE and DiT).
+
+  The first half of the channels encodes the row, the second half the column, each as
+  ``[sin(p * w_k), cos(p * w_k)]`` with ``w_k = 10000 ** (-k / (dim / 4))``, ``k < dim / 4``.
+
+  Args:
+      height: Rows ``H``.
+      width: Columns ``W``.
+      dim: Channels ``D``, a multiple of 4.
+
+  Returns:
+      float32 ``[H * W, D]`` (row-major positions, matching ``x.reshape(B, H * W, D)``).
+
+  Raises:
+      ValueError: If ``dim`` is not a multiple of 4.
+  """
+  if dim % 4:
+    raise ValueError(f"the 2-D sine-cosine position embedding needs channels divisible by 4, got {dim}")
+  omega = 1.0 / 10000.0 ** (jnp.arange(dim // 4, dtype=jnp.float32) / (dim // 4))
+
+  def encode(pos: jnp.ndarray) -> jnp.ndarray:
+    angles = pos[:, None] * omega[None, :]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+  rows, cols = jnp.meshgrid(
+    jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32), indexing="ij"
+  )
+  return jnp.concatenate([encode(rows.reshape(-1)), encode(cols.reshape(-1))], axis=-1)
 
 
 class Attention(nn.Module):
@@ -212,6 +244,10 @@ class Transformer2DModel(nn.Module):
       norm_num_groups: Groups of the input GroupNorm.
       use_linear_projection: ``proj_in``/``proj_out`` are linear layers on the tokens (Stable Diffusion 2)
           instead of 1x1 convolutions (Stable Diffusion 1).
+      position_embedding: Add :func:`sincos_position_embedding_2d` to the tokens after ``proj_in``. Not
+          in diffusers (its U-Net attention is position-blind apart from what the convolutions carry);
+          parameter-free, so the parameter tree and weight import are unchanged. It lets the queries of
+          cross-attention depend on where a token is, e.g. to bind "on the left" to the left half.
       dropout: Dropout inside the blocks.
       dtype: Compute dtype.
   """
@@ -221,6 +257,7 @@ class Transformer2DModel(nn.Module):
   num_layers: int = 1
   norm_num_groups: int = 32
   use_linear_projection: bool = False
+  position_embedding: bool = False
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
 
@@ -252,6 +289,8 @@ class Transformer2DModel(nn.Module):
       tokens = nn.Dense(inner, dtype=self.dtype, name="proj_in")(n.reshape(b, h * w, c))
     else:
       tokens = nn.Conv(inner, (1, 1), dtype=self.dtype, name="proj_in")(n).reshape(b, h * w, inner)
+    if self.position_embedding:
+      tokens = tokens + sincos_position_embedding_2d(h, w, inner).astype(tokens.dtype)[None]
     for i in range(self.num_layers):
       tokens = BasicTransformerBlock(
         heads=self.num_attention_heads,

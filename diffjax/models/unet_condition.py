@@ -58,6 +58,9 @@ class UNetCondition(nn.Module):
       transformer_layers_per_block: Transformer blocks per transformer, per level or one int.
       use_linear_projection: Linear ``proj_in``/``proj_out`` in the transformers (SD 2) instead of 1x1
           convolutions (SD 1).
+      position_embedding: Add a fixed 2-D sine-cosine position embedding to the tokens of every
+          transformer (off in diffusers; parameter-free, see
+          :class:`~diffjax.models.transformer.Transformer2DModel`).
       norm_num_groups: GroupNorm groups everywhere.
       norm_eps: GroupNorm epsilon of the ResNets and the output norm.
       dropout: ResNet dropout (active only with ``train=True``).
@@ -83,6 +86,7 @@ class UNetCondition(nn.Module):
   num_attention_heads: int | Sequence[int] = 8
   transformer_layers_per_block: int | Sequence[int] = 1
   use_linear_projection: bool = False
+  position_embedding: bool = False
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
   dropout: float = 0.0
@@ -173,6 +177,7 @@ class UNetCondition(nn.Module):
     levels = len(chans)
     common = {
       "use_linear_projection": self.use_linear_projection,
+      "position_embedding": self.position_embedding,
       "norm_num_groups": self.norm_num_groups,
       "norm_eps": self.norm_eps,
       "dropout": self.dropout,

@@ -31,6 +31,8 @@ class _BlockConfig(nn.Module):
       num_attention_heads: Heads of the transformers; ``head_dim = out_channels // heads``.
       transformer_layers: Transformer blocks per :class:`Transformer2DModel`.
       use_linear_projection: Linear ``proj_in``/``proj_out`` (see :class:`Transformer2DModel`).
+      position_embedding: Fixed 2-D position embedding in the transformers (see
+          :class:`Transformer2DModel`).
       norm_num_groups: GroupNorm groups.
       norm_eps: ResNet GroupNorm epsilon.
       dropout: ResNet dropout (transformer dropout stays 0, as in diffusers' U-Net).
@@ -43,6 +45,7 @@ class _BlockConfig(nn.Module):
   num_attention_heads: int = 8
   transformer_layers: int = 1
   use_linear_projection: bool = False
+  position_embedding: bool = False
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
   dropout: float = 0.0
@@ -69,6 +72,7 @@ class _BlockConfig(nn.Module):
       num_layers=self.transformer_layers,
       norm_num_groups=self.norm_num_groups,
       use_linear_projection=self.use_linear_projection,
+      position_embedding=self.position_embedding,
       dtype=self.dtype,
       name=name,
     )

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from diffjax.models import count_params
-from diffjax.models.transformer import masked_attention
+from diffjax.models.transformer import masked_attention, sincos_position_embedding_2d
 from diffjax.models.unet_condition import UNetCondition
 from diffjax.models.unet_condition_names import unet_condition_kwargs, unet_condition_params
 
@@ -125,3 +125,19 @@ def test_diffusers_parity(torch_pair):
   err = float(np.max(np.abs(out - ref)))
   print(f"max abs error vs diffusers: {err:.2e}")
   assert err < 1e-4, err
+
+
+def test_position_embedding_keeps_the_parameter_tree():
+  x, ctx = jnp.zeros((1, 8, 16, 4)), jnp.zeros((1, 3, 8))
+
+  def shapes(unet):
+    tree = jax.eval_shape(unet.init, jax.random.key(0), x, jnp.zeros(1), ctx)["params"]
+    return jax.tree.map(lambda a: a.shape, tree)
+
+  assert shapes(_tiny(position_embedding=True)) == shapes(_tiny())
+  emb = sincos_position_embedding_2d(2, 3, 8)
+  assert emb.shape == (6, 8)
+  np.testing.assert_allclose(emb[0], [0, 0, 1, 1, 0, 0, 1, 1], atol=1e-7)  # row 0, column 0
+  np.testing.assert_allclose(emb[4, 4:], emb[1, 4:])  # same column, different row
+  with pytest.raises(ValueError, match="divisible by 4"):
+    sincos_position_embedding_2d(2, 2, 6)
