@@ -3,6 +3,8 @@
   python -m diffjax train --config configs/digits_ddpm.py[:smoke] --workdir W [--config.key=value ...]
   python -m diffjax sample --workdir W --sampler ddim --steps 50 --guidance 2.0 --num 64 \
       [--labels 3,3,7] --out S.npz
+  python -m diffjax sample --workdir W --prompt "a 3 to the left of a 5" [--prompt ...] --guidance 4 \
+      --out S.npz   # text-to-image workdirs (python -m diffjax.training.text_main)
   python -m diffjax distill --config configs/digits_distill.py[:smoke] --teacher T --workdir W \
       [--config.key=value ...]   # progressive / guided distillation of the model trained in T
   python -m diffjax train-judge --source digits|mnist_idx [--path P] --out J.safetensors
@@ -92,6 +94,12 @@ def cmd_sample(args) -> int:
   if args.num is not None and args.num < 1:
     raise ValueError(f"--num must be >= 1, got {args.num}")
   config = read_config(args.workdir)
+  if "text" in config:
+    return _sample_text(args)
+  if args.prompt:
+    raise ValueError(
+      f"--prompt needs a text-to-image workdir; {args.workdir!r} holds a class-conditional model (use --labels)"
+    )
   model, schedule, params = load_trained(
     config, args.workdir, step=args.checkpoint_step, ema=not args.raw_params
   )
@@ -121,6 +129,57 @@ def cmd_sample(args) -> int:
   np.savez(out, images=images, labels=labels.astype(np.int32))
   png = out[:-4] + ".png"
   save_image_grid(images, png, nrow=nc if (nc and num % nc == 0 and not args.labels) else None)
+  print(f"wrote {images.shape[0]} images to {out} and {png}")
+  return 0
+
+
+def _sample_text(args) -> int:
+  """``sample`` on a text-to-image workdir: ``--prompt`` (repeatable) cycled to ``--num`` images."""
+  import jax
+
+  from diffjax.data import to_uint8
+  from diffjax.images import save_image_grid
+  from diffjax.models.text_encoder import minilm_dir
+  from diffjax.models.text_tokenizer import PromptTokenizer
+  from diffjax.text_sampling import make_text_generate
+  from diffjax.training.text_builders import load_text_run
+  from diffjax.training.workdir import read_config
+
+  if args.labels:
+    raise ValueError(
+      f"--labels apply to class-conditional models; {args.workdir!r} is text-to-image: use --prompt"
+    )
+  if not args.prompt:
+    raise ValueError(f"{args.workdir!r} is a text-to-image workdir: give --prompt TEXT (repeatable)")
+  out = args.out or os.path.join(args.workdir, "samples.npz")
+  if not out.endswith(".npz"):
+    raise ValueError(f"--out must end with .npz, got {out!r}")
+  prompts = [str(p) for p in np.resize(np.asarray(args.prompt), args.num or len(args.prompt))]
+  max_length = read_config(args.workdir).text.max_length
+  try:  # before loading the model: a too-long prompt fails fast
+    PromptTokenizer.from_file(minilm_dir() / "tokenizer.json").encode(prompts, max_length=max_length)
+  except ValueError as err:
+    raise ValueError(f"--prompt: {str(err).split('; shorten')[0]} of this model's text encoder") from None
+  run = load_text_run(args.workdir, step=args.checkpoint_step, ema=not args.raw_params)
+  cond = run.prompts.encode(prompts)
+  generate = make_text_generate(
+    model_fn=run.model_fn,
+    schedule=run.schedule,
+    sample_shape=run.sample_shape,
+    null_cond=run.prompts.null_condition(),
+    sampler=args.sampler,
+    prediction=run.config.diffusion.prediction,
+    spacing=args.spacing,
+    codec=run.codec,
+  )
+  images = generate(
+    run.params, jax.random.key(args.seed), cond, num_steps=args.steps, guidance=args.guidance, eta=args.eta
+  )
+  images = to_uint8(np.asarray(jax.device_get(images)))
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  np.savez(out, images=images, prompts=np.asarray(prompts))
+  png = out[:-4] + ".png"
+  save_image_grid(images, png)
   print(f"wrote {images.shape[0]} images to {out} and {png}")
   return 0
 
@@ -286,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
   s.add_argument("--num", type=int, default=None, help="number of images")
   s.add_argument("--labels", default=None, help="comma-separated class labels, repeated to --num")
+  s.add_argument(
+    "--prompt",
+    action="append",
+    default=None,
+    help="text-to-image workdirs: a prompt (repeatable, cycled to --num)",
+  )
   s.add_argument("--seed", type=int, default=0)
   s.add_argument("--checkpoint-step", type=int, default=None)
   s.add_argument("--raw-params", action="store_true", help="use raw instead of EMA parameters")

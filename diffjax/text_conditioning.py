@@ -20,6 +20,7 @@ the same way (``[CLS] [SEP]`` plus padding): training replaces a caption by it w
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ from diffjax.models.text_encoder import (
   TextTransformer,
   build_text_encoder,
   encode_prompts,
+  load_pretrained_text_encoder,
 )
 from diffjax.models.text_tokenizer import PromptTokenizer
 
@@ -68,13 +70,18 @@ class PromptEncoder:
   ) -> PromptEncoder:
     """Loads (``"minilm"``) or initialises (``"small"``, needs ``key``) the encoder by name.
 
+    The pretrained encoder is read once per process and shared (its parameters are never updated).
+
     Raises:
         ValueError: On an unknown kind (see :func:`~diffjax.models.text_encoder.build_text_encoder`).
         FileNotFoundError: If the pretrained package is missing.
     """
     if kind not in TEXT_ENCODERS:
       raise ValueError(f"text encoder kind={kind!r} is not one of {TEXT_ENCODERS}")
-    module, params, tokenizer = build_text_encoder(kind=kind, key=key, **overrides)
+    if kind == "minilm" and not overrides:
+      module, params, tokenizer = _pretrained()
+    else:
+      module, params, tokenizer = build_text_encoder(kind=kind, key=key, **overrides)
     if max_length > module.max_position_embeddings:
       raise ValueError(f"max_length={max_length} exceeds the encoder's {module.max_position_embeddings}")
     return cls(kind=kind, module=module, params=params, tokenizer=tokenizer, max_length=int(max_length))
@@ -129,6 +136,11 @@ class PromptEncoder:
   def null_condition(self) -> tuple[np.ndarray, np.ndarray]:
     """The condition of the empty prompt, ``[1, L, ...]`` and ``[1, L]``."""
     return self.encode([NULL_PROMPT])
+
+
+@functools.lru_cache(maxsize=1)
+def _pretrained() -> tuple[TextTransformer, Any, PromptTokenizer]:
+  return load_pretrained_text_encoder()
 
 
 def make_text_model_fn(

@@ -1,4 +1,4 @@
-"""Progressive distillation (Salimans & Ho 2022): a student does in one DDIM step what the teacher does in two.
+"""Progressive distillation (Salimans & Ho 2022): a student does in one DDIM step what its teacher does in 2.
 
 The student samples with N deterministic DDIM steps on the trailing grid t_i = round((i + 1) T / N) - 1,
 i = 0..N-1 (from t = T - 1 down to the clean end t = -1, the grid of
@@ -227,18 +227,31 @@ def progressive_distillation_loss(
 def apply_gradients(
   state: TrainState, *, loss, grads, tx: optax.GradientTransformation, ema_decay: float
 ) -> tuple[TrainState, dict]:
-  """One optimiser update with EMA; a non-finite loss or gradient leaves the state as it was (counted)."""
+  """One optimiser update with EMA; a non-finite loss or gradient leaves the state as it was (counted).
+
+  The skip is a ``lax.cond``, not a select of new and old values, which under donation would make XLA
+  copy every state leaf (as in :func:`diffjax.training.step.make_train_step`).
+  """
   grad_norm = optax.tree.norm(grads)
-  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-  new_ema = ema_update(state.ema_params, new_params, decay=ema_decay, step=state.step)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+  def update(_):
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    return (
+      new_params,
+      ema_update(state.ema_params, new_params, decay=ema_decay, step=state.step),
+      new_opt_state,
+    )
+
+  params, ema, opt_state = jax.lax.cond(
+    ok, update, lambda _: (state.params, state.ema_params, state.opt_state), None
+  )
   new_state = TrainState(
     step=state.step + 1,
-    params=keep(new_params, state.params),
-    ema_params=keep(new_ema, state.ema_params),
-    opt_state=keep(new_opt_state, state.opt_state),
+    params=params,
+    ema_params=ema,
+    opt_state=opt_state,
     skipped=state.skipped + (~ok).astype(jnp.int32),
   )
   return new_state, {"loss": loss, "grad_norm": grad_norm, "skipped": new_state.skipped}

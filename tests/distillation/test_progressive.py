@@ -168,3 +168,32 @@ def test_student_loss_falls_on_a_tiny_unet():
   # EMA is off by default (Salimans & Ho): ema_params track the raw parameters.
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_update_is_skipped_and_counted():
+  model = UNet(
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    attention_levels=(False, False),
+    attention_head_dim=8,
+    norm_num_groups=4,
+    num_classes=10,
+  )
+  params = init_params(model, key=jax.random.key(0), shape=(8, 8, 1))
+  tx = make_optimizer(learning_rate=1e-3, warmup_steps=1)
+  step = jax.jit(
+    make_progressive_step(
+      student_fn=lambda k: make_model_fn(model, train=True, dropout_key=k),
+      teacher_fn=make_model_fn(model),
+      schedule=SCHEDULE,
+      tx=tx,
+      num_student_steps=2,
+      cond_fn=lambda batch, key: batch["label"],
+    )
+  )
+  batch = jax.tree.map(jnp.asarray, get_batch(load_digits(), step=0, seed=0, global_batch_size=8))
+  bad = dict(batch, image=batch["image"].at[0, 0, 0, 0].set(jnp.nan))
+  state, _ = step(create_train_state(params=params, tx=tx), bad, jax.random.key(0), params)
+  assert int(state.skipped) == 1 and int(state.step) == 1
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
