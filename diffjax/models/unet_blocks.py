@@ -40,6 +40,8 @@ class _BlockLayers:
       norm_eps=self.norm_eps,
       dropout=self.dropout,
       dtype=self.dtype,
+      norm_impl=self.norm_impl,
+      conv_impl=self.conv_impl,
       name=name,
     )
 
@@ -51,6 +53,7 @@ class _BlockLayers:
       norm_eps=self.norm_eps,
       dtype=self.dtype,
       attention_impl=self.attention_impl,
+      norm_impl=self.norm_impl,
       name=name,
     )
 
@@ -75,6 +78,8 @@ class DownBlock2D(_BlockLayers, nn.Module):
       attention_impl: Attention core (see
           :func:`diffjax.models.attention.resolve_attention_fn`).
       remat: Rematerialise the ResNet and attention sub-blocks.
+      norm_impl: GroupNorm implementation (see :func:`diffjax.models.resnet.group_norm`).
+      conv_impl: 3x3 convolution implementation (see :func:`diffjax.models.resnet.conv3x3`).
   """
 
   out_channels: int
@@ -88,6 +93,8 @@ class DownBlock2D(_BlockLayers, nn.Module):
   dtype: jnp.dtype = jnp.float32
   attention_impl: str = "auto"
   remat: bool = False
+  norm_impl: str = "auto"
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(
@@ -112,7 +119,7 @@ class DownBlock2D(_BlockLayers, nn.Module):
         x = self._attention(f"attentions_{i}")(x)
       skips.append(x)
     if self.add_downsample:
-      x = Downsample2D(self.out_channels, dtype=self.dtype, name="downsamplers_0")(x)
+      x = Downsample2D(self.out_channels, dtype=self.dtype, conv_impl=self.conv_impl, name="downsamplers_0")(x)
       skips.append(x)
     return x, tuple(skips)
 
@@ -129,6 +136,8 @@ class UNetMidBlock2D(_BlockLayers, nn.Module):
       attention_impl: Attention core (see
           :func:`diffjax.models.attention.resolve_attention_fn`).
       remat: Rematerialise the ResNet and attention sub-blocks.
+      norm_impl: GroupNorm implementation (see :func:`diffjax.models.resnet.group_norm`).
+      conv_impl: 3x3 convolution implementation (see :func:`diffjax.models.resnet.conv3x3`).
   """
 
   attention_head_dim: int = 8
@@ -138,6 +147,8 @@ class UNetMidBlock2D(_BlockLayers, nn.Module):
   dtype: jnp.dtype = jnp.float32
   attention_impl: str = "auto"
   remat: bool = False
+  norm_impl: str = "auto"
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
@@ -177,6 +188,8 @@ class UpBlock2D(_BlockLayers, nn.Module):
       attention_impl: Attention core (see
           :func:`diffjax.models.attention.resolve_attention_fn`).
       remat: Rematerialise the ResNet and attention sub-blocks.
+      norm_impl: GroupNorm implementation (see :func:`diffjax.models.resnet.group_norm`).
+      conv_impl: 3x3 convolution implementation (see :func:`diffjax.models.resnet.conv3x3`).
   """
 
   out_channels: int
@@ -190,6 +203,8 @@ class UpBlock2D(_BlockLayers, nn.Module):
   dtype: jnp.dtype = jnp.float32
   attention_impl: str = "auto"
   remat: bool = False
+  norm_impl: str = "auto"
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(
@@ -234,5 +249,5 @@ class UpBlock2D(_BlockLayers, nn.Module):
       if self.add_attention:
         x = self._attention(f"attentions_{i}")(x)
     if self.add_upsample:
-      x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
+      x = Upsample2D(self.out_channels, dtype=self.dtype, conv_impl=self.conv_impl, name="upsamplers_0")(x)
     return x
