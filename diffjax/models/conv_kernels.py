@@ -59,7 +59,9 @@ def _im2col(xp: jnp.ndarray, kh: int, kw: int, strides, out_hw) -> jnp.ndarray:
   """Padded ``[b, Hp, Wp, C]`` -> ``[b * Ho * Wo, kh * kw * C]`` patches (rows in output order)."""
   (sh, sw), (ho, wo) = strides, out_hw
   taps = [
-    xp[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw] for i in range(kh) for j in range(kw)
+    xp[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw]
+    for i in range(kh)
+    for j in range(kw)
   ]
   cols = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
   return cols.reshape(-1, cols.shape[-1])
@@ -149,7 +151,9 @@ def conv2d(
       (2, 8, 8, 4)
   """
   if x.ndim != 4 or kernel.ndim != 4:
-    raise ValueError(f"x must be [B, H, W, C] and kernel [kh, kw, C_in, C_out]; got {x.shape}, {kernel.shape}")
+    raise ValueError(
+      f"x must be [B, H, W, C] and kernel [kh, kw, C_in, C_out]; got {x.shape}, {kernel.shape}"
+    )
   if x.shape[-1] != kernel.shape[2]:
     raise ValueError(f"x has {x.shape[-1]} channels but kernel expects C_in={kernel.shape[2]}")
   strides = tuple(int(s) for s in strides)
@@ -162,7 +166,11 @@ def conv2d(
 def _is_nhwc(dn) -> bool:
   """Whether conv dimension numbers are NHWC input/output with an HWIO kernel."""
   if isinstance(dn, lax.ConvDimensionNumbers):
-    return (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) == ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+    return (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) == (
+      (0, 3, 1, 2),
+      (3, 2, 0, 1),
+      (0, 3, 1, 2),
+    )
   return dn is not None and tuple(dn) == _NHWC
 
 

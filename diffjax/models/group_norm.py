@@ -199,4 +199,6 @@ class GroupNorm(nn.Module):
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    return group_norm(x, scale, bias, num_groups=self.num_groups, eps=self.epsilon, silu=self.silu, dtype=self.dtype)
+    return group_norm(
+      x, scale, bias, num_groups=self.num_groups, eps=self.epsilon, silu=self.silu, dtype=self.dtype
+    )

@@ -60,7 +60,9 @@ def conv3x3(features: int, dtype: jnp.dtype, name: str, strides: int = 1, *, imp
   :mod:`diffjax.models.conv_kernels`) or ``"auto"`` (blocked on CPU); same parameters and function.
   """
   conv_fn = conv_kernels.conv_general_dilated if conv_kernels.resolve_conv_impl(impl) == "blocked" else None
-  return nn.Conv(features, (3, 3), strides=strides, padding=PAD1, dtype=dtype, conv_general_dilated=conv_fn, name=name)
+  return nn.Conv(
+    features, (3, 3), strides=strides, padding=PAD1, dtype=dtype, conv_general_dilated=conv_fn, name=name
+  )
 
 
 class ResnetBlock2D(nn.Module):

@@ -119,7 +119,9 @@ class DownBlock2D(_BlockLayers, nn.Module):
         x = self._attention(f"attentions_{i}")(x)
       skips.append(x)
     if self.add_downsample:
-      x = Downsample2D(self.out_channels, dtype=self.dtype, conv_impl=self.conv_impl, name="downsamplers_0")(x)
+      x = Downsample2D(self.out_channels, dtype=self.dtype, conv_impl=self.conv_impl, name="downsamplers_0")(
+        x
+      )
       skips.append(x)
     return x, tuple(skips)
 

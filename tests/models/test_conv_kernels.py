@@ -24,7 +24,13 @@ def _vjp(fn, x, w, g):
   [
     ((3, 8, 8, 4), (3, 3, 4, 6), (1, 1), ((1, 1), (1, 1)), 4 << 20),  # one block
     ((4, 8, 8, 4), (3, 3, 4, 6), (1, 1), ((1, 1), (1, 1)), 1),  # one image per block (scan over 4)
-    ((4, 7, 9, 3), (3, 3, 3, 5), (2, 2), ((1, 1), (1, 1)), 2 * 4 * 5 * 27 * 4),  # stride 2, odd sizes, 2 per block
+    (
+      (4, 7, 9, 3),
+      (3, 3, 3, 5),
+      (2, 2),
+      ((1, 1), (1, 1)),
+      2 * 4 * 5 * 27 * 4,
+    ),  # stride 2, odd sizes, 2 per block
     ((2, 6, 6, 2), (3, 3, 2, 3), (2, 2), ((0, 1), (0, 1)), 4 << 20),  # asymmetric padding (VAE downsampler)
     ((2, 5, 5, 3), (2, 3, 3, 4), (1, 1), ((0, 0), (1, 1)), 4 << 20),  # non-square kernel, VALID rows
   ],
@@ -52,7 +58,9 @@ def test_flax_conv_adapter_same_params_and_grads():
   for got, want in zip(jax.tree.leaves(grad(fast)), jax.tree.leaves(grad(plain))):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
   # String padding, dilation and groups fall back to lax unchanged.
-  same = nn.Conv(4, (3, 3), padding="SAME", kernel_dilation=2, conv_general_dilated=conv_kernels.conv_general_dilated)
+  same = nn.Conv(
+    4, (3, 3), padding="SAME", kernel_dilation=2, conv_general_dilated=conv_kernels.conv_general_dilated
+  )
   ref = nn.Conv(4, (3, 3), padding="SAME", kernel_dilation=2)
   p = ref.init(jax.random.PRNGKey(0), x)
   np.testing.assert_array_equal(np.asarray(same.apply(p, x)), np.asarray(ref.apply(p, x)))

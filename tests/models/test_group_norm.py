@@ -54,13 +54,17 @@ def test_module_has_flax_parameters_and_dtype():
   params = ours.init(jax.random.PRNGKey(0), x)
   ref = nn.GroupNorm(num_groups=4).init(jax.random.PRNGKey(0), x)
   assert jax.tree.structure(params) == jax.tree.structure(ref)
-  assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)))
+  assert all(
+    a.shape == b.shape and a.dtype == b.dtype for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref))
+  )
   assert ours.apply(params, x).dtype == jnp.bfloat16
 
 
 def test_bfloat16_input_is_finite_with_float32_grads():
   x, scale, bias, _ = _inputs((2, 8, 8, 16))
-  loss = lambda s, b: jnp.sum(group_norm(x.astype(jnp.bfloat16), s, b, num_groups=4, silu=True).astype(jnp.float32))
+  loss = lambda s, b: jnp.sum(
+    group_norm(x.astype(jnp.bfloat16), s, b, num_groups=4, silu=True).astype(jnp.float32)
+  )
   ds, db = jax.grad(loss, argnums=(0, 1))(scale, bias)
   assert ds.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(ds))) and bool(jnp.all(jnp.isfinite(db)))
 
