@@ -1,6 +1,7 @@
-"""One tiny random-init Stable-Diffusion pipeline per test session, built with torch and saved to disk."""
+"""One tiny random-init Stable-Diffusion pipeline (and ControlNet) per test session, built with torch."""
 
 import os
+import types
 
 import pytest
 
@@ -9,12 +10,20 @@ from tests.pretrained.tiny_sd import build_tiny_pipeline
 
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
-  """``(directory, torch_pipeline)``; skipped without torch/diffusers/transformers."""
+  """``path``/``pipe`` (pipeline directory, torch pipeline), ``controlnet_path``/``controlnet_pipe``.
+
+  Skipped without torch/diffusers/transformers.
+  """
   for name in ("torch", "diffusers", "transformers"):
     pytest.importorskip(name)
   root = str(tmp_path_factory.mktemp("tiny_sd"))
-  pipe = build_tiny_pipeline(root)
-  return os.path.join(root, "pipeline"), pipe
+  pipe, cn_pipe = build_tiny_pipeline(root)
+  return types.SimpleNamespace(
+    path=os.path.join(root, "pipeline"),
+    pipe=pipe,
+    controlnet_path=os.path.join(root, "controlnet"),
+    controlnet_pipe=cn_pipe,
+  )
 
 
 @pytest.fixture(scope="session")
@@ -23,5 +32,15 @@ def tiny_loaded(tiny_sd):
   from diffjax.pretrained.loader import load_pipeline
   from diffjax.pretrained.pipeline import pipeline_params
 
-  sd = load_pipeline(tiny_sd[0])
+  sd = load_pipeline(tiny_sd.path)
+  return sd, pipeline_params(sd)
+
+
+@pytest.fixture(scope="session")
+def tiny_controlled(tiny_sd):
+  """The tiny pipeline with the ControlNet, imported by diffjax, parameters on the device."""
+  from diffjax.pretrained.loader import load_pipeline
+  from diffjax.pretrained.pipeline import pipeline_params
+
+  sd = load_pipeline(tiny_sd.path, controlnet=tiny_sd.controlnet_path)
   return sd, pipeline_params(sd)

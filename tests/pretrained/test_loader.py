@@ -26,7 +26,7 @@ def _nhwc(t):
 
 
 def test_components_and_settings(tiny_sd, tiny_loaded):
-  _, pipe = tiny_sd
+  pipe = tiny_sd.pipe
   sd, _ = tiny_loaded
   for ours, ref in ((sd.unet, pipe.unet), (sd.vae, pipe.vae), (sd.text_encoder, pipe.text_encoder)):
     assert count_params(ours.params) == sum(p.numel() for p in ref.parameters())
@@ -41,7 +41,7 @@ def test_components_and_settings(tiny_sd, tiny_loaded):
 
 def test_unet_parity(tiny_sd, tiny_loaded):
   torch = pytest.importorskip("torch")
-  _, pipe = tiny_sd
+  pipe = tiny_sd.pipe
   sd, params = tiny_loaded
   rng = np.random.default_rng(1)
   z = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
@@ -57,7 +57,7 @@ def test_unet_parity(tiny_sd, tiny_loaded):
 
 def test_vae_encode_decode_parity(tiny_sd, tiny_loaded):
   torch = pytest.importorskip("torch")
-  _, pipe = tiny_sd
+  pipe = tiny_sd.pipe
   sd, params = tiny_loaded
   vae = sd.vae.module
   x = np.random.default_rng(2).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
@@ -86,7 +86,7 @@ def _copy(src, dst):
 
 
 def test_clear_errors(tiny_sd, tmp_path):
-  path = tiny_sd[0]
+  path = tiny_sd.path
   with pytest.raises(FileNotFoundError, match="does not exist"):
     load_pipeline(tmp_path / "nowhere")
   # A missing weights file, then pickle-only weights.
@@ -121,7 +121,7 @@ def test_clear_errors(tiny_sd, tmp_path):
 
 
 def test_pipeline_level_errors(tiny_sd, tmp_path):
-  path = _copy(tiny_sd[0], tmp_path / "pipe")
+  path = _copy(tiny_sd.path, tmp_path / "pipe")
   index = json.loads((path / "model_index.json").read_text())
   (path / "model_index.json").write_text(json.dumps({**index, "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
   with pytest.raises(ValueError, match="component 'text_encoder_2'"):
@@ -139,7 +139,7 @@ def test_pipeline_level_errors(tiny_sd, tmp_path):
 def test_bfloat16_and_shards(tiny_sd, tmp_path):
   torch = pytest.importorskip("torch")
   st = pytest.importorskip("safetensors.torch")
-  src = tiny_sd[0] + "/vae"
+  src = tiny_sd.path + "/vae"
   tensors = load_file(f"{src}/diffusion_pytorch_model.safetensors")
   names = sorted(tensors)
   half = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in tensors.items()}

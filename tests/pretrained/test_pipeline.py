@@ -17,7 +17,7 @@ NEGATIVE = ["low quality", ""]
 
 def test_text_to_image_matches_diffusers(tiny_sd, tiny_loaded):
   torch = pytest.importorskip("torch")
-  _, pipe = tiny_sd
+  pipe = tiny_sd.pipe
   sd, params = tiny_loaded
   latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
   kw = {"prompt": PROMPTS, "negative_prompt": NEGATIVE, "num_inference_steps": 5, "guidance_scale": 7.5}

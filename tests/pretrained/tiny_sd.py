@@ -136,10 +136,15 @@ def perturb(torch, model, seed: int, scale: float = 0.05):
 
 
 def build_tiny_pipeline(directory: str, seed: int = 0):
-  """A random-init ``StableDiffusionPipeline`` saved with ``save_pretrained``; returns the torch pipeline.
+  """A random-init ``StableDiffusionPipeline`` and ``ControlNetModel``, saved with ``save_pretrained``.
 
-  The scheduler is SD's PNDMScheduler config; the returned pipeline uses ``DDIMScheduler.from_config`` of
+  The scheduler is SD's PNDMScheduler config; the returned pipelines use ``DDIMScheduler.from_config`` of
   it, which is what diffjax samples with.
+
+  Returns:
+      ``(pipe, controlnet_pipe)``: the torch ``StableDiffusionPipeline`` saved at ``directory/pipeline`` and
+      a ``StableDiffusionControlNetPipeline`` over the same components with the ControlNet saved at
+      ``directory/controlnet``.
   """
   import diffusers
   import torch
@@ -177,4 +182,17 @@ def build_tiny_pipeline(directory: str, seed: int = 0):
     json.dump({"_class_name": "PNDMScheduler", "trained_betas": None, **SCHEDULER_CONFIG}, f)
   pipe.scheduler = diffusers.DDIMScheduler.from_pretrained(path, subfolder="scheduler")
   pipe.set_progress_bar_config(disable=True)
-  return pipe
+  # A ControlNet copied from the U-Net (diffusers' from_unet), then perturbed; its conditioning embedder
+  # halves the image once, like the VAE.
+  controlnet = diffusers.ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 16))
+  controlnet = perturb(torch, controlnet, seed + 4)
+  controlnet.save_pretrained(os.path.join(directory, "controlnet"))
+  cn_pipe = diffusers.StableDiffusionControlNetPipeline(
+    **{k: getattr(pipe, k) for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")},
+    controlnet=controlnet,
+    safety_checker=None,
+    feature_extractor=None,
+    requires_safety_checker=False,
+  )
+  cn_pipe.set_progress_bar_config(disable=True)
+  return pipe, cn_pipe
