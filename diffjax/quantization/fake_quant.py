@@ -33,6 +33,7 @@ model is differentiable in its parameters and inputs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import zlib
 from typing import Any
@@ -380,16 +381,34 @@ class QuantizedModel:
     """``model_fn(variables, x_t, t, cond) -> prediction`` for samplers."""
     return self.apply(variables, x_t, t, cond)
 
-  def observe(self, params, x: jnp.ndarray, t, cond=None, **kwargs) -> tuple[jnp.ndarray, dict]:
-    """The full-precision forward pass, also returning every site's range statistics.
+  def observe(self, params, x: jnp.ndarray, t, cond=None) -> tuple[jnp.ndarray, dict]:
+    """The full-precision forward pass (jitted), also returning every site's range statistics.
 
     Returns:
       ``(output, stats)``; ``stats`` mirrors the module tree with ``<site>_min``, ``<site>_max`` (scalars),
       ``<site>_values`` and ``<site>_weights`` (a weighted sample, see :func:`_observed_sample`),
-      ``layer`` (4 conv, 2 dense) and
-      ``split`` for split shortcut layers.
+      ``layer`` (4 conv, 2 dense) and ``split`` for split shortcut layers.
     """
     t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
-    with nn.intercept_methods(_Interceptor(self.config, mode="observe")):
-      out, mutated = self.model.apply({"params": params}, x, t, cond, mutable=[STATS], **kwargs)
+    return _observer(self.model, _observation_key(self.config))(params, x, t, cond)
+
+
+def _observation_key(config: QuantConfig) -> QuantConfig:
+  """The part of a config that observation depends on: which sites exist, and splitting."""
+  on = lambda b: None if b is None else 8  # noqa: E731
+  bits = {f.name: on(getattr(config, f.name)) for f in dataclasses.fields(config) if f.name.endswith("_bits") and f.name != "layer_bits"}
+  layer_bits = tuple((p, on(w), on(a)) for p, w, a in config.layer_bits)
+  return QuantConfig(**bits, layer_bits=layer_bits, split_shortcut=config.split_shortcut)
+
+
+@functools.lru_cache(maxsize=16)
+def _observer(model: nn.Module, config: QuantConfig):
+  """One jitted observation pass per (model, observation key), shared by every calibration."""
+
+  @jax.jit
+  def observe(params, x, t, cond):
+    with nn.intercept_methods(_Interceptor(config, mode="observe")):
+      out, mutated = model.apply({"params": params}, x, t, cond, mutable=[STATS])
     return out, mutated.get(STATS, {})
+
+  return observe

@@ -1,4 +1,4 @@
-"""A tiny class-conditional U-Net (attention + up-path concatenations) and its recorded DDIM inputs."""
+"""A tiny class-conditional U-Net (mid-block attention, up-path concatenations) and its recorded DDIM inputs."""
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +16,9 @@ NUM_STEPS = 4
 def tiny():
   """(model, params, schedule, inputs): 8 trajectories of DDIM-4 with guidance 2 (16 model rows)."""
   model = UNet(
-    block_out_channels=(8, 16),
+    block_out_channels=(8,),
     layers_per_block=1,
-    attention_levels=(False, True),
+    attention_levels=(False,),
     attention_head_dim=8,
     norm_num_groups=4,
     num_classes=10,

@@ -54,7 +54,7 @@ def test_select_inputs_per_method(tiny):
 
 def test_time_aware_ranges_cover_the_trajectory_and_single_step_ranges_do_not(tiny):
   model, params, _, inputs, _ = tiny
-  qm = QuantizedModel(model, QuantConfig.wa(8, 8, act_search=False))
+  qm = QuantizedModel(model, QuantConfig.wa(8, 8, act_search=False, split_shortcut=True))
   q_single = calibrate(qm, params, inputs, method="single")
   q_time = calibrate(qm, params, inputs, method="time_aware", num=inputs.num_rows)
   q_table = calibrate(qm, params, inputs, method="per_timestep")
