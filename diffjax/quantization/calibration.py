@@ -197,9 +197,9 @@ def _observe_groups(qmodel: QuantizedModel, params, groups, batch_size: int) -> 
   merged = []
   for x, t, cond in groups:
     batches = []
-    for start in range(0, x.shape[0], batch_size):
-      sl = slice(start, start + batch_size)
-      c = jax.tree.map(lambda a: a[sl], cond)
+    n = x.shape[0]
+    for sl in np.array_split(np.arange(n), -(-n // batch_size)):  # equal batches: one or two shapes
+      c = jax.tree.map(lambda a, sl=sl: a[sl], cond)
       stats = observe(params, jnp.asarray(x[sl]), jnp.asarray(t[sl]), c)
       batches.append(jax.tree.map(np.asarray, traverse_util.flatten_dict(stats)))
     merged.append(_merge(batches))
