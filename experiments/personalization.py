@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffjax.config_files import apply_overrides, load_config
 from diffjax.data import SCENE_TEMPLATES, load_dataset, scene_caption
-from diffjax.eval import load_judge
+from diffjax.eval import features_and_logits, load_judge
 from diffjax.images import save_image_grid
 from diffjax.personalization.subjects import digit_word_positions, left_named_first
 from diffjax.training.dreambooth_loop import load_dreambooth, scene_prompts, train_dreambooth
@@ -181,6 +181,7 @@ def main() -> None:
   reference = load_dataset(source=d.source, path=d.get("path"), split=d.split, data_dir=d.get("data_dir"))
   judge, judge_info = load_judge(args.judge, expected_fingerprint=reference.fingerprint())
   size = E.judge_size(judge)
+  E.CENTER["mean"] = features_and_logits(judge, heldout.images)[0].mean(axis=0)
   settings = {k: v for k, v in vars(args).items() if k != "name"}
   settings["base_step"] = base.step
   cache = RowCache(args.name, settings)

@@ -4,7 +4,8 @@ Every generated scene is cut into its two 32x32 cells; the central 28x28 of each
 judge (:mod:`diffjax.eval.judge`). Its class prediction says whether a cell shows the stated digit;
 its 128-d penultimate features (ReLU) say how much a cell looks like the subject's reference images:
 *subject fidelity* is the cosine similarity of the subject cell's features to the references' features,
-averaged over the references (DreamBooth's DINO/CLIP-I metric, Ruiz et al. 2023 Sec. 4.1, with the judge
+both centred on the mean feature of real digits (ReLU features are all positive, so raw cosines of any
+two images are high and compressed), averaged over the references (DreamBooth's DINO/CLIP-I metric, Ruiz et al. 2023 Sec. 4.1, with the judge
 as the feature extractor). Language drift (DreamBooth Sec. 4.3) is measured on class prompts without the
 identifier: how much their cells look like the subject (lower is better: the class was not replaced by
 the subject) and their diversity, the mean pairwise cosine distance of their features (higher is better).
@@ -34,9 +35,13 @@ def cells(images: np.ndarray, sides: np.ndarray, *, size: int, crop: int | None 
   return np.where(pick, left, right), np.where(pick, right, left)
 
 
+CENTER: dict[str, np.ndarray] = {}  # "mean": the mean judge feature of real digits, set by the experiment
+
+
 def judged(judge, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """``(L2-normalised features [N, 128], predicted digits [N])``."""
+  """``(centred, L2-normalised features [N, 128], predicted digits [N])`` (centred on ``CENTER["mean"]``)."""
   feats, logits = features_and_logits(judge, images)
+  feats = feats - CENTER.get("mean", 0.0)
   norm = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-8)
   return norm, np.argmax(logits, axis=1)
 

@@ -37,7 +37,8 @@ def markdown(r: dict) -> str:
     ),
     (
       "Judge: each 32x32 cell's central 28x28 goes through the MNIST judge. *Subject fidelity*: cosine "
-      "similarity of the subject cell's 128-d judge features to the references' (mean over references; "
+      "similarity of the subject cell's 128-d judge features to the references' (features centred on the "
+      "mean feature of the held-out real digits; mean over references; "
       "mean ± standard error over samples). For scale: other real held-out digits of the subject's class "
       "score the 'a 4 but not this 4' level, the shots among themselves the ceiling.\n"
     ),
