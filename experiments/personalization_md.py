@@ -36,7 +36,7 @@ def markdown(r: dict) -> str:
       "digit, side and caption template), the same prompts and noise for every model.\n"
     ),
     (
-      "Judge: each 32x32 cell's central 28x28 goes through the MNIST judge. *Subject fidelity*: cosine "
+      f"Judge: `{s['judge']}`; each cell's centre goes through it. *Subject fidelity*: cosine "
       "similarity of the subject cell's 128-d judge features to the references' (features centred on the "
       "mean feature of the held-out real digits; mean over references; "
       "mean ± standard error over samples). For scale: other real held-out digits of the subject's class "
