@@ -1,7 +1,9 @@
-"""ControlNet (Zhang et al. 2023) on MNIST: do samples follow the conditioning image?
+"""ControlNet (Zhang et al. 2023) on MNIST or 8x8 digits: do samples follow the conditioning image?
 
   python experiments/controlnet.py --workdir runs/mnist_controlnet --judge runs/judges/mnist.safetensors \
       --data-path ../shared/data/mnist
+  python experiments/controlnet.py --workdir runs/digits_controlnet --judge runs/judges/digits.safetensors \
+      --name controlnet_digits
 
 The ControlNet of ``--workdir`` (``python -m diffjax train-controlnet``) steers its frozen base. Controls
 are computed from real digits the base and the ControlNet never trained on (the held-out split), with the
@@ -69,7 +71,7 @@ def main() -> None:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--name", default=None, help="default: controlnet (edges) or controlnet_<kind>")
   a = p.parse_args()
-  t_start = time.perf_counter()
+  t_start, load = time.perf_counter(), os.getloadavg()
   run = load_controlnet(a.workdir, base_workdir=a.base_workdir, data_path=a.data_path)
   kind = run.config.control.kind
   name = a.name or ("controlnet" if kind == "edges" else f"controlnet_{kind}")
@@ -168,6 +170,8 @@ def main() -> None:
   result = {
     "command": "python " + " ".join(sys.argv),
     "machine": machine(),
+    "load_average_at_start": [round(v, 2) for v in load],
+    "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
     "controlnet_workdir": a.workdir,
     "base_workdir": run.config.base.workdir,
     "control": metrics_cfg["control"],
@@ -183,8 +187,9 @@ def main() -> None:
   cols = ["edge_iou_tol0", "edge_iou_tol1"] if kind == "edges" else []
   cols += ["control_l1", "control_digit_kept", "frechet_distance", "precision", "recall", "seconds"]
   lines = [
-    f"# {name}: ControlNet ({kind}) on a frozen MNIST DDPM\n",
-    f"`{result['command']}` on {result['machine']}. {n} controls computed from held-out MNIST digits "
+    f"# {name}: ControlNet ({kind}) on a frozen {data.source} DDPM\n",
+    f"`{result['command']}` on {result['machine']} (load average {result['load_average_at_start']} at the "
+    f"start, {result['load_average_at_end']} at the end). {n} controls computed from held-out {data.source} digits "
     f"(never seen by the base or the ControlNet), one sample each, DDIM-{a.steps} (eta 0) from the same "
     f"noise in every row, no class (the base's null class). ControlNet: {result['controlnet_training_steps']} "
     f"training steps on the frozen base `{run.config.base.workdir}`, control `{metrics_cfg['control']}`.\n",

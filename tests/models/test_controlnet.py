@@ -70,7 +70,7 @@ def test_scale_and_guess_mode_weight_the_residuals(tiny):
   base, out, (down, _), _ = run(cp2, jnp.array([1.0, 0.5]))
   _, _, (d_1, m_1), (d_g, m_g) = run(cp2, jnp.ones(2))
   assert float(jnp.max(jnp.abs(out - base))) > 1e-3
-  w = guess_mode_scales(len(d_1))
+  w = np.asarray(guess_mode_scales(len(d_1)))
   np.testing.assert_allclose(w[[0, -1]], [0.1, 1.0], rtol=1e-6)
   np.testing.assert_allclose(d_g[0], 0.1 * d_1[0], rtol=1e-5)
   np.testing.assert_allclose(d_g[2], w[2] * d_1[2], rtol=1e-5)
