@@ -189,7 +189,7 @@ def main() -> None:
   lines = [
     f"# {name}: ControlNet ({kind}) on a frozen {data.source} DDPM\n",
     f"`{result['command']}` on {result['machine']} (load average {result['load_average_at_start']} at the "
-    f"start, {result['load_average_at_end']} at the end). {n} controls computed from held-out {data.source} digits "
+    f"start, {result['load_average_at_end']} at the end). {n} controls computed from held-out {data.source} images "
     f"(never seen by the base or the ControlNet), one sample each, DDIM-{a.steps} (eta 0) from the same "
     f"noise in every row, no class (the base's null class). ControlNet: {result['controlnet_training_steps']} "
     f"training steps on the frozen base `{run.config.base.workdir}`, control `{metrics_cfg['control']}`.\n",

@@ -1,9 +1,11 @@
-"""Classifier guidance (Dhariwal & Nichol 2021) vs classifier-free guidance (Ho & Salimans 2022) on MNIST.
+"""Classifier guidance (Dhariwal & Nichol 2021) vs classifier-free guidance (Ho & Salimans 2022).
 
   python experiments/guidance_compare.py --workdir runs/mnist --classifier runs/mnist_classifier \
       --judge runs/judges/mnist.safetensors --data-path ../shared/data/mnist
+  python experiments/guidance_compare.py --workdir runs/digits --classifier runs/digits_classifier \
+      --judge runs/judges/digits.safetensors --name guidance_compare_digits
 
-One class-conditional DDPM trained with label dropout (``configs/mnist_ddpm.py``) provides both sides:
+One class-conditional DDPM trained with label dropout (``configs/mnist_ddpm.py``, ``configs/digits_ddpm.py``) provides both sides:
 its null-class branch is an unconditional model, which classifier guidance steers with the gradient of a
 noise-conditional classifier (``python -m diffjax train-classifier``, :mod:`diffjax.guidance.classifier`):
 DDIM with ``eps - w sqrt(1 - ᾱ_t) grad log p(y | x_t)`` and, optionally, DDPM with the mean shift
