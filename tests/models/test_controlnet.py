@@ -100,7 +100,8 @@ def test_errors(tiny):
   with pytest.raises(ValueError, match="mid_block_additional_residual has shape"):
     base(mid_block_additional_residual=down[0])
   other = UNetCondition(block_out_channels=(16, 16), num_attention_heads=2, norm_num_groups=4)
-  op = jax.eval_shape(other.init, jax.random.key(0), x, t, ctx)["params"]
+  shapes = jax.eval_shape(other.init, jax.random.key(0), x, t, ctx)["params"]
+  op = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   with pytest.raises(ValueError, match="architecture differs"):
     controlnet_params_from_unet(cp, op)
 
