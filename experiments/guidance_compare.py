@@ -288,7 +288,10 @@ def main() -> None:
   )
   lines += [f"- {k}: {v}" for k, v in checks.items()]
   lines.append(
-    f"\nGrid (two rows per table row, classes along columns): `experiments/results/{a.name}_grid.png`"
+    f"\nGrid (two rows per row sampled in this invocation, classes along columns): "
+    f"`experiments/results/{a.name}_grid.png`"
+    if grids
+    else f"\nEvery row was reused from `runs/partial/{a.name}.json` (same settings): no grid this time."
   )
   write_results(a.name, result, "\n".join(lines) + "\n")
 

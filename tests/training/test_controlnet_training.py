@@ -111,7 +111,10 @@ def test_aux_loop_resumes_exactly(tmp_path):
   """Stopped at step 2 and restarted, the shared loop ends where one uninterrupted run ends."""
   rng = np.random.default_rng(0)
   ds = ImageDataset(
-    images=rng.integers(0, 256, (16, 2, 2, 1), dtype=np.uint8), labels=np.zeros(16, np.int32)
+    images=rng.integers(0, 256, (16, 2, 2, 1), dtype=np.uint8),
+    labels=np.zeros(16, np.int32),
+    num_classes=1,
+    name="toy",
   )
   tx = optax.sgd(0.1)
 
