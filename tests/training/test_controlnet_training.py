@@ -32,7 +32,8 @@ def _config(name, **overrides):
 @pytest.fixture(scope="module")
 def base_workdir(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("base"))
-  cfg = _config("digits_ddpm", **{"training.num_steps": 3, "eval.every": 0})
+  small = {"model.attention_levels": "(False, False)", "model.block_out_channels": "(8, 16)"}
+  cfg = _config("digits_ddpm", **small, **{"training.num_steps": 1, "training.checkpoint_every": 1, "eval.every": 0})
   train_and_evaluate(cfg, wd, progress=False)
   return wd
 
@@ -97,7 +98,8 @@ def test_classifier_trains_and_restores(tmp_path):
     "--workdir",
     wd,
   ]
-  assert cli_main([*args, "--no-progress"]) == 0
+  small = ["--config.model.attention_levels=(False, False)", "--config.model.block_out_channels=(8, 16)"]
+  assert cli_main([*args, *small, "--no-progress"]) == 0
   rows = _lines(wd)
   assert [r["step"] for r in rows if "loss" in r] == [2, 4]
   assert {"eval_acc_t0", "eval_acc_t50"} <= set(rows[-1])
