@@ -33,7 +33,7 @@ def _config(name, **overrides):
 def base_workdir(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("base"))
   small = {"model.attention_levels": "(False, False)", "model.block_out_channels": "(8, 16)"}
-  cfg = _config("digits_ddpm", **small, **{"training.num_steps": 1, "training.checkpoint_every": 1, "eval.every": 0})
+  cfg = _config("digits_ddpm", **small, **{"training.num_steps": 3, "eval.every": 0})
   train_and_evaluate(cfg, wd, progress=False)
   return wd
 
