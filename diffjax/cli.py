@@ -26,6 +26,7 @@ import sys
 
 import numpy as np
 
+from diffjax.cli_control import CONTROL_COMMANDS, add_control_parsers, cmd_control
 from diffjax.cli_edit import add_edit_parser, cmd_edit
 from diffjax.cli_pretrained import (
   DEFAULT_GUIDANCE,
@@ -413,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
   )
   e.add_argument("--seed", type=int, default=0, help="noise seed of the likelihood bound")
   add_edit_parser(sub)
+  add_control_parsers(sub)
   return p
 
 
@@ -425,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
       return cmd_train(args, overrides)
     if args.command == "distill":
       return cmd_distill(args, overrides)
+    if args.command in CONTROL_COMMANDS:
+      return cmd_control(args, overrides)
     if overrides:
       raise ValueError(f"--config.* overrides only apply to `train` and `distill`, got {sorted(overrides)}")
     if args.command == "train-judge":
