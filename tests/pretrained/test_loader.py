@@ -48,7 +48,11 @@ def test_unet_parity(tiny_sd, tiny_loaded):
   ctx = rng.standard_normal((2, 16, 32)).astype(np.float32)
   t = np.array([1, 801])
   with torch.no_grad():
-    ref = _nhwc(pipe.unet(torch.from_numpy(_nchw(z)), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(ctx)).sample)
+    ref = _nhwc(
+      pipe.unet(
+        torch.from_numpy(_nchw(z)), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(ctx)
+      ).sample
+    )
   out = jax.jit(sd.unet.module.apply)({"params": params["unet"]}, z, t, ctx)
   err = float(np.abs(np.asarray(out) - ref).max())
   print(f"UNet2DConditionModel max abs error {err:.1e} (output scale {np.abs(ref).max():.1f})")
@@ -123,7 +127,9 @@ def test_clear_errors(tiny_sd, tmp_path):
 def test_pipeline_level_errors(tiny_sd, tmp_path):
   path = _copy(tiny_sd.path, tmp_path / "pipe")
   index = json.loads((path / "model_index.json").read_text())
-  (path / "model_index.json").write_text(json.dumps({**index, "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
+  (path / "model_index.json").write_text(
+    json.dumps({**index, "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]})
+  )
   with pytest.raises(ValueError, match="component 'text_encoder_2'"):
     load_pipeline(path)
   (path / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
@@ -131,7 +137,9 @@ def test_pipeline_level_errors(tiny_sd, tmp_path):
     load_pipeline(path)
   (path / "model_index.json").write_text(json.dumps(index))
   sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-  (path / "scheduler" / "scheduler_config.json").write_text(json.dumps({**sched, "timestep_spacing": "karras"}))
+  (path / "scheduler" / "scheduler_config.json").write_text(
+    json.dumps({**sched, "timestep_spacing": "karras"})
+  )
   with pytest.raises(ValueError, match="timestep_spacing='karras'"):
     load_pipeline(path)
 
@@ -149,7 +157,9 @@ def test_bfloat16_and_shards(tiny_sd, tmp_path):
   for fname, keys in shards.items():
     st.save_file({k: half[k] for k in keys}, str(vae / f"diffusion_pytorch_model.bf16-{fname}"))
   weight_map = {k: f"diffusion_pytorch_model.bf16-{f}" for f, keys in shards.items() for k in keys}
-  (vae / "diffusion_pytorch_model.bf16.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  (vae / "diffusion_pytorch_model.bf16.safetensors.index.json").write_text(
+    json.dumps({"weight_map": weight_map})
+  )
   files = weights_files(vae, stem="diffusion_pytorch_model", variant="bf16")
   read = read_safetensors(files)
   for k in names:

@@ -56,7 +56,7 @@ def test_image_to_image(tiny_loaded):
   images = np.random.default_rng(3).uniform(0, 1, (2, 16, 16, 3)).astype(np.float32)
   edit = make_image_to_image(sd)
   a, za = edit(params, jax.random.key(1), images, ctx, null, strength=0.6, num_steps=10)
-  b, zb = edit(params, jax.random.key(1), images, ctx, null, strength=0.6, num_steps=10)
+  b, _ = edit(params, jax.random.key(1), images, ctx, null, strength=0.6, num_steps=10)
   c, _ = edit(params, jax.random.key(1), images, ctx, null, strength=0.2, num_steps=10)
   assert a.shape == images.shape and za.shape == (2, 8, 8, 4)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

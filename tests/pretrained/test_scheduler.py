@@ -73,7 +73,7 @@ def test_ddim_step_for_step(name, torch_ddim):
   table = ours.table(n)
   x0 = np.random.default_rng(0).standard_normal((2, 4, 4, 3)).astype(np.float32)
   xr, xo = torch.from_numpy(x0), jnp.asarray(x0)
-  model_fn = lambda p, x, t, c: _toy(x, t.astype(jnp.float32), jnp)  # noqa: E731
+  model_fn = lambda p, x, t, c: _toy(x, t.astype(jnp.float32), jnp)
   kw = {
     "model_fn": model_fn,
     "params": None,
@@ -90,7 +90,9 @@ def test_ddim_step_for_step(name, torch_ddim):
     xr = ref.step(_toy(xr, t.float().reshape(1), torch), t, xr).prev_sample
     j = n - 1 - i
     xo = ddim_step(x_t=xo, t=table.timesteps[j], t_prev=table.prev_timesteps[j], **kw)
-    np.testing.assert_allclose(np.asarray(xo), xr.numpy(), rtol=1e-5, atol=1e-5, err_msg=f"step {i} (t={int(t)})")
+    np.testing.assert_allclose(
+      np.asarray(xo), xr.numpy(), rtol=1e-5, atol=1e-5, err_msg=f"step {i} (t={int(t)})"
+    )
   # The jitted loop with a traced step count gives the same result, and a new count does not recompile.
   traces = []
 
@@ -98,10 +100,17 @@ def test_ddim_step_for_step(name, torch_ddim):
   def run(x, table, num_steps):
     traces.append(1)
     return ddim_sample(
-      model_fn=model_fn, params=None, schedule=ours.schedule, x_T=x, key=jax.random.key(0),
-      num_steps=num_steps, prediction=ours.prediction, clip_x0=ours.clip_x0, table=table,
+      model_fn=model_fn,
+      params=None,
+      schedule=ours.schedule,
+      x_T=x,
+      key=jax.random.key(0),
+      num_steps=num_steps,
+      prediction=ours.prediction,
+      clip_x0=ours.clip_x0,
+      table=table,
       eps_from_clipped_x0=False,
-    )  # fmt: skip
+    )
 
   np.testing.assert_allclose(np.asarray(run(x0, table, n)), xr.numpy(), rtol=1e-5, atol=1e-5)
   run(x0, ours.table(3), 3)
