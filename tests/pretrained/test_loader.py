@@ -4,7 +4,10 @@ Uses the session's tiny random-init Stable-Diffusion pipeline (tests/pretrained/
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -167,3 +170,21 @@ def test_bfloat16_and_shards(tiny_sd, tmp_path):
   loaded = load_vae(vae, variant="bf16", dtype=jnp.bfloat16)
   assert loaded.module.dtype == jnp.bfloat16
   assert jax.tree.leaves(loaded.params)[0].dtype == np.float32
+
+
+def test_loads_with_torch_unimportable(tiny_sd):
+  """The whole directory loads in a process where torch, transformers and diffusers cannot be imported."""
+  code = (
+    "import sys\n"
+    "for m in ('torch', 'transformers', 'diffusers'): sys.modules[m] = None\n"
+    "from diffjax.pretrained import load_pipeline\n"
+    f"sd = load_pipeline({tiny_sd.path!r}, controlnet={tiny_sd.controlnet_path!r})\n"
+    "print(type(sd.unet.module).__name__, sd.tokenizer.encode(['a fox'])[0][0, :3].tolist())\n"
+  )
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run(
+    [sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=600
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.startswith("UNetCondition")
