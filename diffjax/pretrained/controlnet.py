@@ -144,10 +144,11 @@ def controlled_unet_fn(unet: UNetCondition, controlnet: ControlNet) -> Callable:
 
   ``params`` holds ``"unet"`` and ``"controlnet"`` trees; ``cond = (context [B, L, D], image [B, H, W, 3]
   in [0, 1], conditioning_scale [B])``. As in diffusers' ControlNet pipeline, the image is used as is (no
-  normalisation to ``[-1, 1]``) and every residual is multiplied by the scale.
+  normalisation to ``[-1, 1]``) and every residual is multiplied by the scale. ``attention_control``
+  (:mod:`diffjax.models.attention_control`) reaches the U-Net's attention layers only.
   """
 
-  def model_fn(params, z, t, cond):
+  def model_fn(params, z, t, cond, *, attention_control=None):
     context, image, scale = cond
     down, mid = controlnet.apply(
       {"params": params["controlnet"]}, z, t, context, image, conditioning_scale=scale
@@ -159,6 +160,7 @@ def controlled_unet_fn(unet: UNetCondition, controlnet: ControlNet) -> Callable:
       context,
       down_block_additional_residuals=down,
       mid_block_additional_residual=mid,
+      attention_control=attention_control,
     )
 
   return model_fn

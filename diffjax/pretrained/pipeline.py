@@ -57,10 +57,16 @@ def pipeline_params(sd: StableDiffusion) -> dict[str, Any]:
 
 
 def make_unet_fn(sd: StableDiffusion) -> Callable:
-  """The denoiser as ``model_fn(params, z_t, t, cond) -> prediction``.
+  """The denoiser as ``model_fn(params, z_t, t, cond, *, attention_control=None) -> prediction``.
 
   ``params`` is the dict of :func:`pipeline_params`; ``cond`` is the context ``[B, L, D]``, or with a
   ControlNet the tuple ``(context, control_image [B, H, W, 3] in [0, 1], conditioning_scale [B])``.
+  ``attention_control`` (``(probs, info) -> probs``, see :mod:`diffjax.models.attention_control`) is
+  handed to every attention layer of the U-Net (not of the ControlNet), e.g. for prompt-to-prompt::
+
+      unet_fn = make_unet_fn(sd)
+      model_fn = lambda p, z, t, c: unet_fn(p, z, t, c, attention_control=control)
+      generate = make_text_to_image(sd, model_fn=model_fn)
   """
   return _unet_fn(sd.unet.module, None if sd.controlnet is None else sd.controlnet.module)
 
@@ -68,8 +74,8 @@ def make_unet_fn(sd: StableDiffusion) -> Callable:
 def _unet_fn(unet: nn.Module, controlnet: nn.Module | None) -> Callable:
   if controlnet is None:
 
-    def model_fn(params, z, t, cond):
-      return unet.apply({"params": params["unet"]}, z, t, cond)
+    def model_fn(params, z, t, cond, *, attention_control=None):
+      return unet.apply({"params": params["unet"]}, z, t, cond, attention_control=attention_control)
 
     return model_fn
   from diffjax.pretrained.controlnet import controlled_unet_fn

@@ -171,6 +171,39 @@ def test_unet2d_config_mapping_matches_the_parity_tested_one():
   assert UNet(**unet2d_kwargs(unet2d_config(ours))) == ours
 
 
+def test_unet2d_import_matches_diffusers(tmp_path):
+  """A saved random-init UNet2DModel (class-conditional) imported by load_unet2d gives diffusers' output."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  from tests.pretrained.tiny_sd import perturb
+
+  torch.manual_seed(0)
+  ref = diffusers.UNet2DModel(
+    sample_size=8,
+    in_channels=1,
+    out_channels=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    num_class_embeds=11,
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    norm_num_groups=8,
+    attention_head_dim=8,
+  )
+  perturb(torch, ref, seed=9).save_pretrained(tmp_path / "unet")
+  loaded = load_unet2d(tmp_path / "unet")
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 8, 8, 1)).astype(np.float32)
+  t, label = np.array([10, 731]), np.array([3, 10])  # a real class and the null class
+  with torch.no_grad():
+    nchw = torch.from_numpy(x).permute(0, 3, 1, 2)
+    out = ref(nchw, torch.from_numpy(t), class_labels=torch.from_numpy(label))
+  ours = loaded.module.apply({"params": loaded.params}, x, t, label)  # eager: cheaper than compiling once
+  err = float(np.abs(np.asarray(ours) - out.sample.permute(0, 2, 3, 1).numpy()).max())
+  print(f"UNet2DModel max abs error {err:.1e}")
+  assert err < 1e-4
+
+
 def test_unrepresentable_options_are_refused():
   with pytest.raises(ValueError, match="position_embedding"):
     unet_condition_config(UNetCondition(position_embedding=True), cross_attention_dim=8)
