@@ -80,6 +80,7 @@ def unet2d_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     "attention_head_dim": int(head_dim),
     "norm_num_groups": int(config.get("norm_num_groups", 32)),
     "norm_eps": float(config.get("norm_eps", 1e-5)),
+    "dropout": float(config.get("dropout", 0.0)),
     "num_classes": None if n_cls is None else int(n_cls) - 1,
     "flip_sin_to_cos": bool(config.get("flip_sin_to_cos", True)),
     "freq_shift": float(config.get("freq_shift", 0)),

@@ -80,8 +80,10 @@ def test_diffjax_models_open_in_diffusers(tmp_path):
     use_linear_projection=True,
     norm_num_groups=4,
     cross_attention_levels=(True, False),
+    dropout=0.1,
   )
-  cn = ControlNet.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+  # diffusers' ControlNetModel has no dropout option
+  cn = ControlNet.from_unet(unet.clone(dropout=0.0), conditioning_embedding_out_channels=(8, 16))
   cases = [
     ("unet", unet, _random(unet, z, t, ctx), save_unet, load_unet, diffusers.UNet2DConditionModel),
     (
@@ -94,7 +96,14 @@ def test_diffjax_models_open_in_diffusers(tmp_path):
     ),
     (
       "unet2d",
-      UNet(in_channels=3, out_channels=3, num_classes=10, norm_num_groups=4, block_out_channels=(16, 32)),
+      UNet(
+        in_channels=3,
+        out_channels=3,
+        num_classes=10,
+        norm_num_groups=4,
+        block_out_channels=(16, 32),
+        dropout=0.1,  # training-only, but part of the module: the round trip keeps it
+      ),
       None,
       save_unet2d,
       load_unet2d,
