@@ -25,6 +25,7 @@ from diffjax.pretrained.pipeline import (
   encode_prompts,
   make_image_to_image,
   make_text_to_image,
+  make_unet_fn,
   pipeline_params,
 )
 from diffjax.pretrained.scheduler import SchedulerConfig, scheduler_from_config
@@ -41,6 +42,7 @@ __all__ = [
   "load_vae",
   "make_image_to_image",
   "make_text_to_image",
+  "make_unet_fn",
   "pipeline_params",
   "save_pipeline",
   "save_unet",
