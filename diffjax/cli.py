@@ -359,7 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     help="timestep subset (default: uniform for ddim, trailing for dpm_solver++)",
   )
   s.add_argument(
-    "--guidance", type=float, default=None, help="classifier-free guidance scale (default 1 = none; 7.5 for --pretrained)"
+    "--guidance",
+    type=float,
+    default=None,
+    help="classifier-free guidance scale (default 1 = none; 7.5 for --pretrained)",
   )
   s.add_argument("--num", type=int, default=None, help="number of images")
   s.add_argument("--labels", default=None, help="comma-separated class labels, repeated to --num")

@@ -78,7 +78,9 @@ def _check_args(args: argparse.Namespace) -> None:
   if not args.prompt:
     raise ValueError("--pretrained needs --prompt TEXT (repeatable)")
   if args.sampler != "ddim":
-    raise ValueError(f"--pretrained samples with DDIM over the scheduler config; --sampler {args.sampler} is not supported")
+    raise ValueError(
+      f"--pretrained samples with DDIM over the scheduler config; --sampler {args.sampler} is not supported"
+    )
   if args.spacing is not None:
     raise ValueError("--spacing does not apply to --pretrained: the scheduler config sets the timesteps")
   if args.num is not None and args.num < 1:
@@ -87,6 +89,9 @@ def _check_args(args: argparse.Namespace) -> None:
     raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
   if (args.control_image is None) != (args.controlnet is None):
     raise ValueError("--controlnet and --control-image go together")
+  for flag, path in (("--image", args.image), ("--control-image", args.control_image)):
+    if path is not None and not os.path.isfile(path):  # before loading the pipeline
+      raise FileNotFoundError(f"{flag} file '{path}' does not exist")
   if args.clip_skip < 0:
     raise ValueError(f"--clip-skip must be >= 0, got {args.clip_skip}")
   out = args.out
@@ -128,9 +133,13 @@ def cmd_sample_pretrained(args: argparse.Namespace) -> int:
   guides = None
   if args.image is not None:
     guides = np.repeat(_read_rgb(args.image, name="--image", size=size)[None], num, axis=0)
-    images, latents = make_image_to_image(sd)(params, key, guides, context, null, strength=args.strength, **common)
+    images, latents = make_image_to_image(sd)(
+      params, key, guides, context, null, strength=args.strength, **common
+    )
   else:
-    images, latents = make_text_to_image(sd)(params, key, context, null, height=size[0], width=size[1], **common)
+    images, latents = make_text_to_image(sd)(
+      params, key, context, null, height=size[0], width=size[1], **common
+    )
   images = to_uint8_images(jax.device_get(images))
   out = args.out
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -139,5 +148,7 @@ def cmd_sample_pretrained(args: argparse.Namespace) -> int:
   grid = images if guides is None else np.concatenate([to_uint8_images(guides), images])
   save_image_grid(grid, png, nrow=num if guides is not None else None)
   what = f"img2img (strength {args.strength})" if guides is not None else "text-to-image"
-  print(f"wrote {num} {what} samples ({images.shape[1]}x{images.shape[2]}, DDIM {args.steps} steps) to {out} and {png}")
+  print(
+    f"wrote {num} {what} samples ({images.shape[1]}x{images.shape[2]}, DDIM {args.steps} steps) to {out} and {png}"
+  )
   return 0

@@ -175,5 +175,10 @@ def sdedit(
     return mask * x_prev + (1.0 - mask) * known
 
   return reverse_loop(
-    step_fn=step_fn, x_T=x_t0, timesteps=ts, num_steps=k, key=jax.random.fold_in(key, 1), prev_timesteps=prev_ts
+    step_fn=step_fn,
+    x_T=x_t0,
+    timesteps=ts,
+    num_steps=k,
+    key=jax.random.fold_in(key, 1),
+    prev_timesteps=prev_ts,
   )
