@@ -149,12 +149,14 @@ def unet_record(unet: UNet, params, x, t, label=None) -> tuple[jnp.ndarray, dict
       ``(out, cache)``: ``out`` equals the dense model's output; ``cache`` maps names to the
       materialised feature maps ``[B, H_l, W_l, C]`` and GroupNorm scales and shifts ``[B, C]``.
   """
+  _check(unet)
   ex = RecordExecutor(attention_impl=unet.attention_impl)
   out = unet_forward(ex, unet, params, x, t, label)
   return out, ex.cache
 
 
 def _check_plan(plan: SparsePlan, unet: UNet, x) -> None:
+  _check(unet)
   if not isinstance(plan, SparsePlan):
     raise ValueError(f"plan must be a SparsePlan, got {type(plan).__name__}")
   if plan.num_levels != len(unet.block_out_channels):
@@ -203,6 +205,7 @@ def unet_macs(unet: UNet, params, x_shape, *, plan: SparsePlan | None = None, la
   Returns:
       ``[(name, macs), ...]`` in execution order.
   """
+  _check(unet)
   x = jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32)
   t = jax.ShapeDtypeStruct((x_shape[0],), jnp.int32)
   if plan is None:

@@ -1,15 +1,18 @@
 """Gathered windows with halo + VALID convolution + scatter == the dense convolution on the active tiles."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from jax import lax
 
 from diffjax.acceleration.sparse import level_masks, make_plan
 from diffjax.acceleration.sparse.gather import conv_windows, gather, scatter, tile_pixels
 
 DN = ("NHWC", "HWIO", "NHWC")
+# (level_out, stride, upsample): a 3x3 conv at level 0, the strided downsampler 0 -> 1, nearest x2 + conv 1 -> 0.
+GEOMETRIES = ((0, 1, 1), (1, 2, 1), (0, 1, 2))
 
 
 def _dense(x, w, stride=1, upsample=1):
@@ -26,36 +29,30 @@ def _plan(seed, hw=16):
   return mask, make_plan(mask, block_sizes=(4, 2), dilation=1, bucket_growth=1.5)
 
 
-@pytest.mark.parametrize(
-  "geometry",
-  [
-    dict(level_out=0, stride=1, upsample=1),  # 3x3 conv at level 0
-    dict(level_out=1, stride=2, upsample=1),  # strided downsampler, level 0 -> 1
-    dict(level_out=0, stride=1, upsample=2),  # nearest x2 + conv, level 1 -> 0
-  ],
-)
-def test_sparse_conv_equals_dense_conv_on_the_tiles(geometry):
-  _, plan = _plan(0)
-  lo, s, up = geometry["level_out"], geometry["stride"], geometry["upsample"]
-  hl, wl = plan.level_shape(lo)
-  src_hw = (hl * s // up, wl * s // up)
-  x = jax.random.normal(jax.random.key(1), (2, *src_hw, 5))
-  w = jax.random.normal(jax.random.key(2), (3, 3, 5, 7))
-  dense = _dense(x, w, stride=s, upsample=up)
-  assert dense.shape[1:3] == (hl, wl)
-  b = plan.block_sizes[lo]
-  assert plan.block_sizes[lo] is not None and not bool(plan.valid[lo].all())
-
-  @jax.jit
-  def sparse(x, w, tiles, valid_tiles):
-    idx, valid, win = conv_windows(tiles, block=b, conv_hw=(hl * s, wl * s), stride=s, upsample=up)
+@functools.partial(jax.jit, static_argnames="plan_static")
+def _sparse_and_dense(xs, w, plan, plan_static=None):
+  outs = []
+  for (lo, s, up), x in zip(GEOMETRIES, xs):
+    hl, wl = plan.level_shape(lo)
+    b = plan.block_sizes[lo]
+    idx, valid, win = conv_windows(plan.tiles[lo], block=b, conv_hw=(hl * s, wl * s), stride=s, upsample=up)
     stack = lax.conv_general_dilated(gather(x, idx, win) * valid, w, (s, s), "VALID", dimension_numbers=DN)
-    return scatter(jnp.full(dense.shape, 7.0), stack, tile_pixels(tiles, valid_tiles, block=b, hw=(hl, wl)))
+    base = jnp.full((x.shape[0], hl, wl, w.shape[-1]), 7.0)
+    sparse = scatter(base, stack, tile_pixels(plan.tiles[lo], plan.valid[lo], block=b, hw=(hl, wl)))
+    outs.append((sparse, _dense(x, w, stride=s, upsample=up), plan.tile_mask(lo)[..., None]))
+  return outs
 
-  out = sparse(x, w, plan.tiles[lo], plan.valid[lo])
-  tm = np.asarray(plan.tile_mask(lo))[..., None]
-  np.testing.assert_allclose(np.where(tm, out, 0), np.where(tm, dense, 0), atol=1e-4, rtol=1e-5)
-  np.testing.assert_array_equal(np.where(tm, 7.0, out), 7.0)  # padded and inactive tiles untouched
+
+def test_sparse_conv_equals_dense_conv_on_the_tiles():
+  _, plan = _plan(0)
+  assert all(plan.block_sizes[lo] and not bool(plan.valid[lo].all()) for lo in (0, 1))  # padded buckets
+  xs = [jax.random.normal(jax.random.key(i), (2, 16 * s // up, 16 * s // up, 5)) for i, (_, s, up) in
+        enumerate(((0, 1, 1), (1, 1, 1), (0, 1, 2)))]
+  w = jax.random.normal(jax.random.key(9), (3, 3, 5, 7))
+  for (lo, _, _), (sparse, dense, tm) in zip(GEOMETRIES, _sparse_and_dense(xs, w, plan)):
+    assert dense.shape[1:3] == plan.level_shape(lo)
+    np.testing.assert_allclose(np.where(tm, sparse, 0), np.where(tm, dense, 0), atol=1e-4, rtol=1e-5)
+    np.testing.assert_array_equal(np.where(tm, 7.0, sparse), 7.0)  # padded and inactive tiles untouched
 
 
 def test_level_masks_cover_every_changed_output_of_the_entry_convs():
@@ -64,10 +61,15 @@ def test_level_masks_cover_every_changed_output_of_the_entry_convs():
   mask, plan = _plan(3)
   w = jax.random.normal(jax.random.key(2), (3, 3, 4, 4))
   x = jax.random.normal(jax.random.key(4), (2, 16, 16, 4))
-  x2 = x + jnp.asarray(mask)[..., None] * jax.random.normal(jax.random.key(5), x.shape)
-  changed = np.abs(np.asarray(_dense(x2, w) - _dense(x, w))).max(-1) > 0
-  assert changed.any() and not (changed & ~np.asarray(plan.tile_mask(0))).any()
   m0 = level_masks(mask, num_levels=2, dilation=1)[0]
+  x2 = x + jnp.asarray(mask)[..., None] * jax.random.normal(jax.random.key(5), x.shape)
   x3 = x + jnp.asarray(m0)[..., None] * jax.random.normal(jax.random.key(6), x.shape)
-  changed = np.abs(np.asarray(_dense(x3, w, stride=2) - _dense(x, w, stride=2))).max(-1) > 0
-  assert changed.any() and not (changed & ~np.asarray(plan.tile_mask(1))).any()
+
+
+  @jax.jit
+  def changes(x, x2, x3, plan):
+    moved = (jnp.abs(_dense(x2, w) - _dense(x, w)).max(-1) > 0, jnp.abs(_dense(x3, w, stride=2) - _dense(x, w, stride=2)).max(-1) > 0)
+    return moved, (plan.tile_mask(0), plan.tile_mask(1))
+
+  for changed, tiles in zip(*changes(x, x2, x3, plan)):
+    assert bool(changed.any()) and not bool((changed & ~tiles).any())
