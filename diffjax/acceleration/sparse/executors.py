@@ -8,18 +8,21 @@ GANs and Diffusion Models"):
 * :class:`RecordExecutor` runs the dense network and records, under each name, every materialised
   feature map and every GroupNorm's per-example scale and shift (the cache of the original).
 * :class:`SparseExecutor` replays it on an edited input: at every level the plan marks sparse, convolutions
-  gather the active tiles' input windows (with halo), run as VALID convolutions on the stack, and
-  materialising a feature scatters the tiles into the cached map; GroupNorm is the cached per-channel
-  affine map (it commutes with gathering); attention projects only the active tokens, scatters keys and
-  values into the cached ones and lets the active queries attend densely over all positions. Dense
-  levels run whole, also with the cached statistics.
+  gather the active tiles' input windows (with halo), run as VALID convolutions on the stack, and a
+  materialised feature is its new tiles over its cached map (read window by window, so that no full map
+  is copied; only layers that need every position scatter the tiles into a copy); GroupNorm is the cached
+  per-channel affine map (it commutes with gathering); attention projects only the active tokens,
+  scatters keys and values into the cached ones and lets the active queries attend densely over all
+  positions. Dense levels run whole, also with the cached statistics.
 * :class:`MaskedDenseExecutor` is the same function computed densely: every operation on full maps and
   every materialised map ``where(active tiles, new, cached)``. The sparse executor must equal it to float
   rounding; tests use it to check the gathers, halos, strides and upsampling windows.
 
 Features are :class:`Feat` values: ``stack`` holds the tile interiors ``[B * N, b, b, C]`` at a sparse
-level (the whole ``[B, H, W, C]`` map otherwise), ``full`` the materialised map when there is one.
-Every linear operation adds its multiply-accumulate count (for the pixels it actually computes) to
+level (the whole ``[B, H, W, C]`` map otherwise), ``full`` the materialised map when there is one and
+``cached`` the cache entry under it. A cache may hold one run (``[B, ...]`` entries) or a stack of runs
+(``[S, B, ...]``, e.g. one per sampler step), read at ``slot``.
+Every linear operation adds ``(name, level, multiply-accumulates)`` for the pixels it actually computes to
 ``executor.macs``.
 """
 
@@ -31,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from diffjax.acceleration.sparse.gather import conv_windows, gather, scatter, tile_pixels
+from diffjax.acceleration.sparse.gather import conv_windows, gather_windows, scatter, tile_grid, tile_pixels
 from diffjax.acceleration.sparse.plan import SparsePlan
 from diffjax.models.attention import resolve_attention_fn
 
@@ -42,11 +45,13 @@ _DN = ("NHWC", "HWIO", "NHWC")
 
 @dataclasses.dataclass
 class Feat:
-  """A feature map at ``level``: tile interiors (or the whole map) in ``stack``, the map in ``full``."""
+  """A feature map at ``level``: tile interiors (or the whole map) in ``stack``, the map in ``full``, or
+  the new tiles over the ``cached`` map."""
 
   level: int
   stack: jnp.ndarray | None = None
   full: jnp.ndarray | None = None
+  cached: jnp.ndarray | None = None
 
 
 def _kernel(p) -> jnp.ndarray:
@@ -67,12 +72,21 @@ class _DenseOps:
   """Operations on whole maps; subclasses choose where GroupNorm statistics come from and what
   materialising a feature means."""
 
-  def __init__(self, *, attention_impl: str = "auto"):
+  def __init__(self, *, attention_impl: str = "auto", slot=None):
     self.macs: list[tuple[str, int]] = []
     self.attend_fn = resolve_attention_fn(attention_impl)
+    self.slot = slot
 
-  def count(self, name: str, macs: int) -> None:
-    self.macs.append((name, int(macs)))
+  def _at_slot(self, a: jnp.ndarray) -> jnp.ndarray:
+    return a if self.slot is None else a[self.slot]
+
+  def full(self, f: Feat) -> jnp.ndarray:
+    """The whole map of a materialised feature."""
+    return self._full_of(f)
+
+  def count(self, name: str, macs: int, level: int | None = None) -> None:
+    """Adds ``(name, level, macs)`` to ``self.macs`` (``level`` None for per-example dense layers)."""
+    self.macs.append((name, level, int(macs)))
 
   def input(self, x: jnp.ndarray) -> Feat:
     return Feat(0, stack=x, full=x)
@@ -88,7 +102,7 @@ class _DenseOps:
       start += c
     return out
 
-  def _dense_conv(self, name, p, srcs, *, norms, act, stride, upsample, kernel):
+  def _dense_conv(self, name, p, srcs, *, norms, act, stride, upsample, kernel, level_out):
     pad = (kernel - 1) // 2
     xs = [_pre(self._full_of(f), None if norms is None else norms[i], act) for i, f in enumerate(srcs)]
     x = jnp.concatenate(xs, axis=-1) if len(xs) > 1 else xs[0]
@@ -98,7 +112,7 @@ class _DenseOps:
     y = lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=_DN)
     y = y + p["bias"]
     b, h, wd, _ = y.shape
-    self.count(name, b * h * wd * w.shape[0] * w.shape[1] * w.shape[2] * w.shape[3])
+    self.count(name, b * h * wd * w.shape[0] * w.shape[1] * w.shape[2] * w.shape[3], level_out)
     return y
 
   def _full_of(self, f: Feat) -> jnp.ndarray:
@@ -109,7 +123,7 @@ class _DenseOps:
     normalised by its ``norms`` entry and passed through SiLU if ``act``; stride 2 downsamples, ``upsample``
     2 puts a nearest-neighbour upsampling in front."""
     return Feat(level_out, stack=self._dense_conv(name, p, srcs, norms=norms, act=act, stride=stride,
-                                                  upsample=upsample, kernel=kernel))
+                                                  upsample=upsample, kernel=kernel, level_out=level_out))
 
   def add(self, a: Feat, b: Feat | jnp.ndarray) -> Feat:
     """``a + b`` for a feature ``b`` at the same level or a per-example channel vector ``b [B, C]``."""
@@ -122,13 +136,13 @@ class _DenseOps:
 
   def attend(self, name, q: Feat, k: Feat, v: Feat, heads: int) -> Feat:
     """Softmax attention of the queries ``q`` over all positions of the materialised ``k`` and ``v``."""
-    kf, vf = k.full, v.full
+    kf, vf = self._full_of(k), self._full_of(v)
     b, h, w, c = kf.shape
     d = c // heads
     qs = q.stack
     qt = qs.reshape(b, -1, heads, d)
     out = self.attend_fn(qt, kf.reshape(b, h * w, heads, d), vf.reshape(b, h * w, heads, d))
-    self.count(name, 2 * b * qt.shape[1] * h * w * c)
+    self.count(name, 2 * b * qt.shape[1] * h * w * c, q.level)
     return Feat(q.level, stack=out.reshape(qs.shape))
 
 
@@ -159,7 +173,7 @@ class RecordExecutor(_DenseOps):
 
 class _CachedStats:
   def norm(self, name, p, srcs, *, groups: int, eps: float):
-    return self._split(self.cache[name + ":scale"], self.cache[name + ":shift"], srcs)
+    return self._split(self._at_slot(self.cache[name + ":scale"]), self._at_slot(self.cache[name + ":shift"]), srcs)
 
 
 class MaskedDenseExecutor(_CachedStats, _DenseOps):
@@ -171,7 +185,7 @@ class MaskedDenseExecutor(_CachedStats, _DenseOps):
     self.cache, self.plan = cache, plan
 
   def materialize(self, name: str, f: Feat) -> Feat:
-    full = jnp.where(self.plan.tile_mask(f.level)[..., None], f.stack, self.cache[name])
+    full = jnp.where(self.plan.tile_mask(f.level)[..., None], f.stack, self._at_slot(self.cache[name]))
     return Feat(f.level, stack=full, full=full)
 
 
@@ -183,21 +197,47 @@ class SparseExecutor(_CachedStats, _DenseOps):
     self.cache, self.plan = cache, plan
     self._memo: dict = {}
 
-  def _windows(self, level_out, **geometry):
-    key = (level_out, tuple(sorted(geometry.items())))
+  def _memoized(self, key, fn):
     if key not in self._memo:
-      self._memo[key] = conv_windows(self.plan.tiles[level_out], block=self.plan.block_sizes[level_out], **geometry)
+      self._memo[key] = fn()
     return self._memo[key]
+
+  def _windows(self, level_out, **geometry):
+    plan = self.plan
+    return self._memoized(("windows", level_out, tuple(sorted(geometry.items()))), lambda: conv_windows(
+      plan.tiles[level_out], block=plan.block_sizes[level_out], **geometry))
+
+  def _grid(self, level):
+    plan = self.plan
+    hl, wl = plan.level_shape(level)
+    b = plan.block_sizes[level]
+    return self._memoized(("grid", level), lambda: tile_grid(plan.tiles[level], plan.valid[level],
+                                                               grid_hw=(hl // b, wl // b)))
+
+  def _pixels(self, level):
+    plan = self.plan
+    return self._memoized(("pixels", level), lambda: tile_pixels(
+      plan.tiles[level], plan.valid[level], block=plan.block_sizes[level], hw=plan.level_shape(level)))
 
   def _tile_stack(self, level, a):
     """Repeats a per-example ``[B, ...]`` array for every tile: ``[B * N, ...]``."""
     return jnp.repeat(a, self.plan.tiles[level].shape[1], axis=0)
 
+  def _full_of(self, f: Feat) -> jnp.ndarray:
+    if f.full is None and f.cached is not None:  # a layer needs every position: write the tiles in
+      f.full = scatter(self._at_slot(f.cached), f.stack, self._pixels(f.level))
+    return super()._full_of(f)
+
+  def _gather(self, f: Feat, w) -> jnp.ndarray:
+    if f.full is not None or f.cached is None:
+      return gather_windows(w, full=self._full_of(f))
+    return gather_windows(w, stack=f.stack, cached=f.cached, grid=self._grid(f.level),
+                          block=self.plan.block_sizes[f.level], slot=self.slot)
+
   def interior(self, f: Feat) -> jnp.ndarray:
     if f.stack is not None or not self.plan.is_sparse(f.level):
       return super().interior(f)
-    idx, _, win = self._windows(f.level, conv_hw=self.plan.level_shape(f.level), kernel=1, pad=0)
-    return gather(f.full, idx, win)
+    return self._gather(f, self._windows(f.level, conv_hw=self.plan.level_shape(f.level), kernel=1, pad=0))
 
   def conv(self, name, p, srcs, *, level_out, norms=None, act=False, stride=1, upsample=1, kernel=3) -> Feat:
     if not self.plan.is_sparse(level_out):
@@ -209,9 +249,10 @@ class SparseExecutor(_CachedStats, _DenseOps):
       valid = None
     else:
       hl, wl = self.plan.level_shape(level_out)
-      idx, valid, win = self._windows(level_out, conv_hw=(hl * stride, wl * stride), kernel=kernel,
-                                      stride=stride, pad=(kernel - 1) // 2, upsample=upsample)
-      xs = [gather(f.full, idx, win) for f in srcs]
+      win = self._windows(level_out, conv_hw=(hl * stride, wl * stride), kernel=kernel, stride=stride,
+                          pad=(kernel - 1) // 2, upsample=upsample)
+      xs = [self._gather(f, win) for f in srcs]
+      valid = win.valid
     if norms is not None or act:
       xs = [_pre(x, None if norms is None else tuple(self._tile_stack(level_out, a) for a in norms[i]), act)
             for i, x in enumerate(xs)]
@@ -220,7 +261,7 @@ class SparseExecutor(_CachedStats, _DenseOps):
       x = x * valid
     y = lax.conv_general_dilated(x, w, (stride, stride), "VALID", dimension_numbers=_DN) + p["bias"]
     m, b, _, _ = y.shape
-    self.count(name, m * b * b * w.shape[0] * w.shape[1] * w.shape[2] * w.shape[3])
+    self.count(name, m * b * b * w.shape[0] * w.shape[1] * w.shape[2] * w.shape[3], level_out)
     return Feat(level_out, stack=y)
 
   def _per_example(self, a: Feat, v: jnp.ndarray) -> jnp.ndarray:
@@ -231,9 +272,4 @@ class SparseExecutor(_CachedStats, _DenseOps):
   def materialize(self, name: str, f: Feat) -> Feat:
     if not self.plan.is_sparse(f.level):
       return Feat(f.level, stack=f.stack, full=f.stack)
-    plan = self.plan
-    key = ("pixels", f.level)
-    if key not in self._memo:
-      self._memo[key] = tile_pixels(plan.tiles[f.level], plan.valid[f.level], block=plan.block_sizes[f.level],
-                                    hw=plan.level_shape(f.level))
-    return Feat(f.level, stack=f.stack, full=scatter(self.cache[name], f.stack, self._memo[key]))
+    return Feat(f.level, stack=f.stack, cached=self.cache[name])

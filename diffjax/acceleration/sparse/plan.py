@@ -146,7 +146,7 @@ def make_plan(
   *,
   block_sizes: Sequence[int | None],
   dilation: int = 1,
-  bucket_growth: float = 2**0.5,
+  bucket_growth: float | None = 2**0.5,
 ) -> SparsePlan:
   """Builds the :class:`SparsePlan` of an edit.
 
@@ -157,7 +157,8 @@ def make_plan(
           the level's height and width) or ``None`` to run that level densely.
       dilation: margin in pixels added at every level (:func:`level_masks`).
       bucket_growth: ratio between consecutive bucket sizes (> 1); larger means fewer recompiles and
-          more padded work.
+          more padded work. ``None``: no padding (exact counts; a jitted caller recompiles for every new
+          count).
 
   Returns:
       The plan; levels whose every tile is active are switched to dense.
@@ -169,7 +170,7 @@ def make_plan(
   mask = np.asarray(mask)
   if mask.ndim != 3:
     raise ValueError(f"mask must be [B, H, W], got shape {mask.shape}")
-  if bucket_growth <= 1:
+  if bucket_growth is not None and bucket_growth <= 1:
     raise ValueError(f"bucket_growth must be > 1, got {bucket_growth}")
   levels = len(block_sizes)
   bsz, h, w = mask.shape
@@ -189,7 +190,8 @@ def make_plan(
     if n_active.max() == total:  # every tile changes: the dense path is the same function, cheaper
       tiles.append(None), valid.append(None), counts.append(None), sizes.append(None)
       continue
-    n = bucket_size(int(n_active.max()), total, growth=bucket_growth)
+    n_max = max(int(n_active.max()), 1)
+    n = n_max if bucket_growth is None else bucket_size(n_max, total, growth=bucket_growth)
     t = np.zeros((bsz, n, 2), np.int32)
     v = np.zeros((bsz, n), bool)
     for i in range(bsz):

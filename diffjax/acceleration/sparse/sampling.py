@@ -81,10 +81,9 @@ def sparse_model_fn(unet: UNet, *, reference: bool = False):
   def model_fn(bundle: SparseParams, x_t, t, cond=None):
     t = jnp.broadcast_to(jnp.asarray(t), (x_t.shape[0],))
     hit = bundle.trajectory.timesteps == t[0]
-    slot = jnp.argmax(hit)
-    cache = jax.tree.map(lambda a: a[slot], bundle.trajectory.caches)
     apply = unet_masked_reference if reference else unet_sparse
-    out = apply(unet, bundle.params, x_t, t, cond, cache=cache, plan=bundle.plan)
+    out = apply(unet, bundle.params, x_t, t, cond, cache=bundle.trajectory.caches, plan=bundle.plan,
+                slot=jnp.argmax(hit))
     return jnp.where(jnp.any(hit), out, jnp.nan)
 
   return model_fn

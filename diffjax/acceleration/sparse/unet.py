@@ -136,7 +136,7 @@ def unet_forward(ex, unet: UNet, params, x, t, label=None) -> jnp.ndarray:
 
   n = ex.norm("conv_norm_out", params["conv_norm_out"], [h], **gn)
   out = ex.conv("conv_out", params["conv_out"], [h], level_out=0, norms=n, act=True)
-  return ex.materialize("conv_out", out).full
+  return ex.full(ex.materialize("conv_out", out))
 
 
 def unet_record(unet: UNet, params, x, t, label=None) -> tuple[jnp.ndarray, dict]:
@@ -165,31 +165,39 @@ def _check_plan(plan: SparsePlan, unet: UNet, x) -> None:
     raise ValueError(f"plan was made for inputs of shape [B, H, W]={list(plan.shape)}, got x {list(jnp.shape(x))}")
 
 
-def unet_sparse(unet: UNet, params, x, t, label=None, *, cache: dict, plan: SparsePlan) -> jnp.ndarray:
+def unet_sparse(unet: UNet, params, x, t, label=None, *, cache: dict, plan: SparsePlan, slot=None) -> jnp.ndarray:
   """Sparse incremental forward of an edited input ``x`` given the original's ``cache``.
 
   Args:
       unet, params, x, t, label: as for the dense model; ``x`` is the edited input, equal to the original
           outside the plan's mask.
-      cache: from :func:`unet_record` on the original (same ``t`` and ``label``).
+      cache: from :func:`unet_record` on the original (same ``t`` and ``label``), or a stack of such caches
+          (every entry with a leading axis ``S``) to be read at ``slot``.
       plan: from :func:`~diffjax.acceleration.sparse.plan.make_plan` on the edit's difference mask.
+      slot: the entry of a stacked cache to use (an int, may be traced), or ``None`` for a single cache.
+          Cached maps are read in place, window by window, never sliced out whole.
 
   Returns:
       ``[B, H, W, out_channels]``: the new output on the active tiles of level 0, the cached one elsewhere.
   """
   _check_plan(plan, unet, x)
-  return unet_forward(SparseExecutor(cache, plan, attention_impl=unet.attention_impl), unet, params, x, t, label)
-
-
-def unet_masked_reference(unet: UNet, params, x, t, label=None, *, cache: dict, plan: SparsePlan) -> jnp.ndarray:
-  """What :func:`unet_sparse` computes, evaluated densely (every layer whole, then ``where(active, new,
-  cached)``); a test reference, as slow as the dense model."""
-  _check_plan(plan, unet, x)
-  ex = MaskedDenseExecutor(cache, plan, attention_impl=unet.attention_impl)
+  ex = SparseExecutor(cache, plan, attention_impl=unet.attention_impl, slot=slot)
   return unet_forward(ex, unet, params, x, t, label)
 
 
-def unet_macs(unet: UNet, params, x_shape, *, plan: SparsePlan | None = None, label=None) -> list[tuple[str, int]]:
+def unet_masked_reference(
+  unet: UNet, params, x, t, label=None, *, cache: dict, plan: SparsePlan, slot=None
+) -> jnp.ndarray:
+  """What :func:`unet_sparse` computes, evaluated densely (every layer whole, then ``where(active, new,
+  cached)``); a test reference, as slow as the dense model."""
+  _check_plan(plan, unet, x)
+  ex = MaskedDenseExecutor(cache, plan, attention_impl=unet.attention_impl, slot=slot)
+  return unet_forward(ex, unet, params, x, t, label)
+
+
+def unet_macs(
+  unet: UNet, params, x_shape, *, plan: SparsePlan | None = None, label=None
+) -> list[tuple[str, int | None, int]]:
   """Multiply-accumulates per layer, counted from the shapes each operation actually computes.
 
   Convolutions count ``pixels computed * k * k * C_in * C_out`` (for a sparse level: the bucket-padded
@@ -203,7 +211,8 @@ def unet_macs(unet: UNet, params, x_shape, *, plan: SparsePlan | None = None, la
       label: optional labels (only their presence matters).
 
   Returns:
-      ``[(name, macs), ...]`` in execution order.
+      ``[(name, level, macs), ...]`` in execution order; ``level`` is the resolution level of the layer's
+      output (``None`` for the time embedding's dense layers).
   """
   _check(unet)
   x = jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32)

@@ -8,7 +8,7 @@ import numpy as np
 from jax import lax
 
 from diffjax.acceleration.sparse import level_masks, make_plan
-from diffjax.acceleration.sparse.gather import conv_windows, gather, scatter, tile_pixels
+from diffjax.acceleration.sparse.gather import conv_windows, gather_windows, scatter, tile_grid, tile_pixels
 
 DN = ("NHWC", "HWIO", "NHWC")
 # (level_out, stride, upsample): a 3x3 conv at level 0, the strided downsampler 0 -> 1, nearest x2 + conv 1 -> 0.
@@ -35,8 +35,8 @@ def _sparse_and_dense(xs, w, plan, plan_static=None):
   for (lo, s, up), x in zip(GEOMETRIES, xs):
     hl, wl = plan.level_shape(lo)
     b = plan.block_sizes[lo]
-    idx, valid, win = conv_windows(plan.tiles[lo], block=b, conv_hw=(hl * s, wl * s), stride=s, upsample=up)
-    stack = lax.conv_general_dilated(gather(x, idx, win) * valid, w, (s, s), "VALID", dimension_numbers=DN)
+    win = conv_windows(plan.tiles[lo], block=b, conv_hw=(hl * s, wl * s), stride=s, upsample=up)
+    stack = lax.conv_general_dilated(gather_windows(win, full=x) * win.valid, w, (s, s), "VALID", dimension_numbers=DN)
     base = jnp.full((x.shape[0], hl, wl, w.shape[-1]), 7.0)
     sparse = scatter(base, stack, tile_pixels(plan.tiles[lo], plan.valid[lo], block=b, hw=(hl, wl)))
     outs.append((sparse, _dense(x, w, stride=s, upsample=up), plan.tile_mask(lo)[..., None]))
@@ -73,3 +73,28 @@ def test_level_masks_cover_every_changed_output_of_the_entry_convs():
 
   for changed, tiles in zip(*changes(x, x2, x3, plan)):
     assert bool(changed.any()) and not bool((changed & ~tiles).any())
+
+
+def test_windows_over_new_tiles_and_a_stacked_cache_equal_windows_of_the_written_map():
+  """Reading a window pixel from the new tile when its tile is active and from the cached map (at a slot
+  of a per-step stack) otherwise is the same as reading the map with the tiles scattered in."""
+  _, plan = _plan(1)
+  b = plan.block_sizes[0]
+  cached = jax.random.normal(jax.random.key(0), (3, 2, 16, 16, 4))  # 3 slots
+  stack = jax.random.normal(jax.random.key(1), (plan.tiles[0].shape[0] * plan.tiles[0].shape[1], b, b, 4))
+
+  @jax.jit
+  def both(cached, stack, plan):
+    pixels = tile_pixels(plan.tiles[0], plan.valid[0], block=b, hw=(16, 16))
+    full = scatter(cached[2], stack, pixels)
+    grid = tile_grid(plan.tiles[0], plan.valid[0], grid_hw=(4, 4))
+    outs = []
+    for lo, s, up in GEOMETRIES[:2]:  # same-level halo and the downsampler's window, read from level 0
+      hl, wl = plan.level_shape(lo)
+      win = conv_windows(plan.tiles[lo], block=plan.block_sizes[lo], conv_hw=(hl * s, wl * s), stride=s)
+      outs.append((gather_windows(win, full=full),
+                   gather_windows(win, stack=stack, cached=cached, grid=grid, block=b, slot=2)))
+    return outs
+
+  for want, got in both(cached, stack, plan):
+    np.testing.assert_array_equal(got, want)

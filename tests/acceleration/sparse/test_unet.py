@@ -112,14 +112,18 @@ def test_new_masks_within_a_bucket_do_not_recompile(setup):
 
 def test_macs_are_counted_per_layer_and_scale_with_the_tiles(setup):
   params = setup[0]
-  dense = dict(unet_macs(UNET, params, (B, H, H, 2), label=jnp.zeros(B, jnp.int32)))
+  triples = unet_macs(UNET, params, (B, H, H, 2), label=jnp.zeros(B, jnp.int32))
+  dense = {name: m for name, _, m in triples}
+  levels = {name: level for name, level, _ in triples}
+  assert levels["conv_in"] == 0 and levels["mid_block/attentions_0/attention"] == 2
+  assert levels["up_blocks_0/upsamplers_0/conv"] == 1 and levels["time_embedding"] is None
   assert dense["conv_in"] == B * H * H * 9 * 2 * 8
   assert dense["down_blocks_0/downsamplers_0/conv"] == B * 8 * 8 * 9 * 8 * 8
   assert dense["up_blocks_0/upsamplers_0/conv"] == B * 8 * 8 * 9 * 16 * 16  # level 2 -> 1
   assert dense["down_blocks_1/attentions_0/attention"] == 2 * B * 64 * 64 * 16
   _, mask = _edit(setup[1], 5, [(0, 0, 2, 0, 2)])
   plan = make_plan(mask, block_sizes=BLOCKS)
-  sparse = dict(unet_macs(UNET, params, (B, H, H, 2), plan=plan, label=jnp.zeros(B, jnp.int32)))
+  sparse = {n: m for n, _, m in unet_macs(UNET, params, (B, H, H, 2), plan=plan, label=jnp.zeros(B, jnp.int32))}
   n0, n1 = plan.tiles[0].shape[1], plan.tiles[1].shape[1]
   assert sparse["conv_in"] == dense["conv_in"] * n0 * 16 // (H * H)
   assert sparse["down_blocks_1/attentions_0/attention"] == dense["down_blocks_1/attentions_0/attention"] * n1 * 4 // 64
