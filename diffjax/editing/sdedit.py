@@ -25,7 +25,7 @@ from diffjax.losses import ModelFn
 from diffjax.samplers.ddim import ddim_step
 from diffjax.samplers.ddpm import ddpm_step
 from diffjax.samplers.loop import reverse_loop
-from diffjax.samplers.timesteps import check_num_steps, make_timesteps
+from diffjax.samplers.timesteps import TimestepTable, check_num_steps, make_timesteps
 from diffjax.schedules import Schedule
 
 __all__ = ["SDEDIT_SAMPLERS", "check_strength", "sdedit", "sdedit_num_steps", "sdedit_setup", "sdedit_step"]
@@ -61,13 +61,15 @@ def sdedit_setup(
   sampler: str = "ddim",
   num_steps=50,
   spacing: str = "trailing",
+  table: TimestepTable | None = None,
 ):
   """Checks SDEdit's inputs and noises the guide: the start of :func:`sdedit`'s reverse loop.
 
   Returns:
-    ``(x_t0, timesteps, k, mask)``: the guide noised to ``t0 = timesteps[k - 1]`` with
-    ``fold_in(key, 0)``, the sampler's timestep table, the number of steps run and the mask as an array
-    of ``x_guide``'s dtype (or None).
+    ``(x_t0, timesteps, k, mask, prev_timesteps, final_alpha_bar)``: the guide noised to
+    ``t0 = timesteps[k - 1]`` with ``fold_in(key, 0)``, the sampler's timestep table, the number of steps
+    run, the mask as an array of ``x_guide``'s dtype (or None), and the explicit step targets and final
+    alpha-bar of ``table`` (None and 1.0 without one).
 
   Raises:
     ValueError: as :func:`sdedit`.
@@ -85,11 +87,16 @@ def sdedit_setup(
       )
   T = schedule.num_timesteps
   B = x_guide.shape[0]
+  prev_ts, final_ab = None, 1.0
   if sampler == "ddpm":
+    if table is not None:
+      raise ValueError("table applies to sampler='ddim' only")
     n_full, ts = T, jnp.arange(T, dtype=jnp.int32)
-  else:
+  elif table is None:
     check_num_steps(num_steps, T)
     n_full, ts = num_steps, make_timesteps(num_timesteps=T, num_steps=num_steps, spacing=spacing)
+  else:
+    n_full, ts, prev_ts, final_ab = num_steps, table.timesteps, table.prev_timesteps, table.final_alpha_bar
   k = sdedit_num_steps(strength=strength, num_steps=n_full)
   t0 = ts[k - 1]
   x_t0 = diffusion.q_sample(
@@ -98,7 +105,7 @@ def sdedit_setup(
     t=jnp.full((B,), t0, jnp.int32),
     noise=jax.random.normal(jax.random.fold_in(key, 0), x_guide.shape, x_guide.dtype),
   )
-  return x_t0, ts, k, mask
+  return x_t0, ts, k, mask, prev_ts, final_ab
 
 
 def sdedit_step(
@@ -118,9 +125,12 @@ def sdedit_step(
   variance: str = "small",
   prediction: str = "eps",
   clip_x0: float | None = 1.0,
+  final_alpha_bar=1.0,
+  eps_from_clipped_x0: bool = True,
 ) -> jnp.ndarray:
   """One step of :func:`sdedit`'s reverse loop from ``t`` to ``t_prev`` (the sampler's step, then the
-  unmasked region reset to the guide noised to ``t_prev`` with ``fold_in(key, 1)``)."""
+  unmasked region reset to the guide noised to ``t_prev`` with ``fold_in(key, 1)``). ``final_alpha_bar``
+  and ``eps_from_clipped_x0`` are DDIM's (see :func:`diffjax.samplers.ddim.ddim_step`)."""
   if sampler == "ddpm":
     x_prev = ddpm_step(
       model_fn=model_fn,
@@ -147,6 +157,8 @@ def sdedit_step(
       eta=eta,
       prediction=prediction,
       clip_x0=clip_x0,
+      final_alpha_bar=final_alpha_bar,
+      eps_from_clipped_x0=eps_from_clipped_x0,
     )
   if mask is None:
     return x_prev
@@ -176,6 +188,8 @@ def sdedit(
   variance: str = "small",
   prediction: str = "eps",
   clip_x0: float | None = 1.0,
+  table: TimestepTable | None = None,
+  eps_from_clipped_x0: bool = True,
 ) -> jnp.ndarray:
   """Edits ``x_guide`` ``[B, H, W, C]`` (model range [-1, 1]) by SDEdit.
 
@@ -198,6 +212,10 @@ def sdedit(
     variance: DDPM reverse variance, "small" or "large".
     prediction: the model's parameterisation.
     clip_x0: clip of the predicted clean image (None for none).
+    table: DDIM only: an explicit timestep plan replacing ``spacing`` (e.g. a diffusers scheduler's, see
+      :mod:`diffjax.pretrained.scheduler`); the edit re-runs its lowest ``ceil(strength * num_steps)``
+      entries with the table's step targets and final alpha-bar.
+    eps_from_clipped_x0: see :func:`diffjax.samplers.ddim.ddim_step`.
 
   Returns:
     The edited images, shaped like ``x_guide``.
@@ -206,9 +224,9 @@ def sdedit(
     ValueError: for an unknown sampler, ``strength`` outside (0, 1], a bad step count, or a mask whose
       shape does not broadcast to ``x_guide``.
   """
-  x_t0, ts, k, mask = sdedit_setup(
+  x_t0, ts, k, mask, prev_ts, final_ab = sdedit_setup(
     schedule=schedule, x_guide=x_guide, key=key, strength=strength, mask=mask, sampler=sampler,
-    num_steps=num_steps, spacing=spacing,
+    num_steps=num_steps, spacing=spacing, table=table,
   )
 
   def step_fn(x, t, t_prev, k_step):
@@ -228,6 +246,10 @@ def sdedit(
       variance=variance,
       prediction=prediction,
       clip_x0=clip_x0,
+      final_alpha_bar=final_ab,
+      eps_from_clipped_x0=eps_from_clipped_x0,
     )
 
-  return reverse_loop(step_fn=step_fn, x_T=x_t0, timesteps=ts, num_steps=k, key=jax.random.fold_in(key, 1))
+  return reverse_loop(
+    step_fn=step_fn, x_T=x_t0, timesteps=ts, num_steps=k, key=jax.random.fold_in(key, 1), prev_timesteps=prev_ts
+  )

@@ -37,7 +37,7 @@ from diffjax.editing.sdedit import sdedit_num_steps, sdedit_setup, sdedit_step
 from diffjax.models.unet import UNet
 from diffjax.samplers.ddim import ddim_step
 from diffjax.samplers.loop import reverse_loop
-from diffjax.samplers.timesteps import make_timesteps
+from diffjax.samplers.timesteps import TimestepTable, make_timesteps
 from diffjax.schedules import Schedule
 
 __all__ = ["SparseParams", "SparseTrajectory", "record_ddim", "record_sdedit", "sparse_model_fn"]
@@ -101,7 +101,7 @@ def _concrete_steps(num_slots, fn, what: str) -> int:
   return int(np.asarray(n))
 
 
-def _record_loop(*, unet, params, x_T, timesteps, num_steps, key, cond, num_slots, step):
+def _record_loop(*, unet, params, x_T, timesteps, num_steps, key, cond, num_slots, step, prev_timesteps=None):
   """``reverse_loop`` with the dense recording model; ``step(model_fn, x, t, t_prev, key) -> x_prev``."""
   B = x_T.shape[0]
   tb = jax.ShapeDtypeStruct((B,), jnp.int32)
@@ -117,7 +117,8 @@ def _record_loop(*, unet, params, x_T, timesteps, num_steps, key, cond, num_slot
     return x_prev, caches, slots.at[j].set(t, mode="drop"), j + 1
 
   init = (x_T, caches, slots, jnp.zeros((), jnp.int32))
-  x0, caches, slots, _ = reverse_loop(step_fn=body, x_T=init, timesteps=timesteps, num_steps=num_steps, key=key)
+  x0, caches, slots, _ = reverse_loop(step_fn=body, x_T=init, timesteps=timesteps, num_steps=num_steps, key=key,
+                                      prev_timesteps=prev_timesteps)
   return x0, SparseTrajectory(caches=caches, timesteps=slots)
 
 
@@ -138,6 +139,8 @@ def record_sdedit(
   variance: str = "small",
   prediction: str = "eps",
   clip_x0: float | None = 1.0,
+  table: TimestepTable | None = None,
+  eps_from_clipped_x0: bool = True,
   num_slots: int | None = None,
 ) -> tuple[jnp.ndarray, SparseTrajectory]:
   """:func:`diffjax.editing.sdedit` of the original guide with the dense U-Net, recording every step.
@@ -145,7 +148,7 @@ def record_sdedit(
   Args:
       unet: the U-Net module; ``params`` its parameters.
       schedule, x_guide, key, strength, cond, mask, sampler, num_steps, eta, spacing, variance,
-          prediction, clip_x0: as for :func:`~diffjax.editing.sdedit` (the edit must later use the same
+          prediction, clip_x0, table, eps_from_clipped_x0: as for :func:`~diffjax.editing.sdedit` (the edit must later use the same
           values, the key in particular).
       num_slots: static number of cache slots (at least the steps run,
           ``ceil(strength * num_steps)``); computed when ``strength`` and ``num_steps`` are concrete.
@@ -157,8 +160,9 @@ def record_sdedit(
   Raises:
       ValueError: as ``sdedit``, or when ``num_slots`` is missing for a traced strength or step count.
   """
-  x_t0, ts, k, mask = sdedit_setup(schedule=schedule, x_guide=x_guide, key=key, strength=strength, mask=mask,
-                                   sampler=sampler, num_steps=num_steps, spacing=spacing)
+  x_t0, ts, k, mask, prev_ts, final_ab = sdedit_setup(
+    schedule=schedule, x_guide=x_guide, key=key, strength=strength, mask=mask, sampler=sampler,
+    num_steps=num_steps, spacing=spacing, table=table)
   n_full = schedule.num_timesteps if sampler == "ddpm" else num_steps
   slots = _concrete_steps(num_slots, lambda: sdedit_num_steps(strength=strength, num_steps=n_full),
                           "strength or num_steps")
@@ -166,10 +170,11 @@ def record_sdedit(
   def step(model_fn, x, t, t_prev, k_step):
     return sdedit_step(model_fn=model_fn, params=None, schedule=schedule, x_guide=x_guide, mask=mask, x=x, t=t,
                        t_prev=t_prev, key=k_step, cond=cond, sampler=sampler, eta=eta, variance=variance,
-                       prediction=prediction, clip_x0=clip_x0)
+                       prediction=prediction, clip_x0=clip_x0,
+                       final_alpha_bar=final_ab, eps_from_clipped_x0=eps_from_clipped_x0)
 
   return _record_loop(unet=unet, params=params, x_T=x_t0, timesteps=ts, num_steps=k, key=jax.random.fold_in(key, 1),
-                      cond=cond, num_slots=slots, step=step)
+                      cond=cond, num_slots=slots, step=step, prev_timesteps=prev_ts)
 
 
 def record_ddim(
