@@ -102,13 +102,20 @@ def check_round_trip(qmodel, params, quant, x, t, y) -> dict:
   return {**sizes, "round_trip_max_abs_diff": float(np.max(np.abs(a - b)))}
 
 
-def run_model(a, *, tag, model, schedule, params, image_shape, prediction, spacing, num_steps, scorer, cache, rows):
+def run_model(
+  a, *, tag, model, schedule, params, image_shape, prediction, spacing, num_steps, scorer, cache, rows
+):
   """All rows (full precision, then every bits x split x method) of one model."""
   labels = balanced_labels(a.num, model.num_classes)
-  common = dict(
-    model=model, schedule=schedule, image_shape=image_shape, num_steps=num_steps,
-    guidance=a.guidance, spacing=spacing, prediction=prediction,
-  )
+  common = {
+    "model": model,
+    "schedule": schedule,
+    "image_shape": image_shape,
+    "num_steps": num_steps,
+    "guidance": a.guidance,
+    "spacing": spacing,
+    "prediction": prediction,
+  }
   fp_fn = make_model_fn(model)
   fp_sample = make_sampler(fp_fn, **common)
 
@@ -132,17 +139,38 @@ def run_model(a, *, tag, model, schedule, params, image_shape, prediction, spaci
       continue
     images, secs = sample_all(fp_sample, params, labels, batch_size=a.batch_size, seed=seed)
     grid = f"{tag}_fp" if seed == a.seed else None
-    add(key, {"config": "FP32", "method": "full precision", "split": False, "seed": seed,
-              "weight_bytes": fp_bytes, "sample_s": round(secs, 1), **scorer(images, labels)}, images, grid)
+    add(
+      key,
+      {
+        "config": "FP32",
+        "method": "full precision",
+        "split": False,
+        "seed": seed,
+        "weight_bytes": fp_bytes,
+        "sample_s": round(secs, 1),
+        **scorer(images, labels),
+      },
+      images,
+      grid,
+    )
 
   # Calibration trajectories: other labels order and noise than the evaluation's.
-  calib_labels = jnp.asarray(np.random.default_rng(a.seed + 7).permutation(balanced_labels(a.calib_num, model.num_classes)))
+  calib_labels = jnp.asarray(
+    np.random.default_rng(a.seed + 7).permutation(balanced_labels(a.calib_num, model.num_classes))
+  )
   x_T = jax.random.normal(jax.random.key(a.seed + 1000), (a.calib_num, *image_shape), jnp.float32)
-  guid = {} if a.guidance == 1.0 else {"guidance_scale": a.guidance, "null_cond": jnp.full_like(calib_labels, model.num_classes)}
+  guid = (
+    {}
+    if a.guidance == 1.0
+    else {"guidance_scale": a.guidance, "null_cond": jnp.full_like(calib_labels, model.num_classes)}
+  )
   inputs = None
 
-  probe = (jnp.asarray(np.random.default_rng(0).standard_normal((8, *image_shape)), jnp.float32),
-           jnp.full((8,), schedule.num_timesteps // 2, jnp.int32), jnp.arange(8, dtype=jnp.int32) % model.num_classes)
+  probe = (
+    jnp.asarray(np.random.default_rng(0).standard_normal((8, *image_shape)), jnp.float32),
+    jnp.full((8,), schedule.num_timesteps // 2, jnp.int32),
+    jnp.arange(8, dtype=jnp.int32) % model.num_classes,
+  )
   for bits in a.bits:
     w_bits, a_bits = (int(b) for b in bits.lower().lstrip("w").split("a"))
     for split in (False, True):
@@ -159,34 +187,64 @@ def run_model(a, *, tag, model, schedule, params, image_shape, prediction, spaci
         if inputs is None:
           t0 = time.perf_counter()
           inputs, _ = record_ddim_inputs(
-            model_fn=fp_fn, params=params, schedule=schedule, x_T=x_T, key=jax.random.key(a.seed + 2000),
-            cond=calib_labels, num_steps=num_steps, spacing=spacing, prediction=prediction, **guid,
+            model_fn=fp_fn,
+            params=params,
+            schedule=schedule,
+            x_T=x_T,
+            key=jax.random.key(a.seed + 2000),
+            cond=calib_labels,
+            num_steps=num_steps,
+            spacing=spacing,
+            prediction=prediction,
+            **guid,
           )
-          print(f"{tag}: recorded {inputs.x.shape} calibration inputs in {time.perf_counter() - t0:.0f} s", flush=True)
+          print(
+            f"{tag}: recorded {inputs.x.shape} calibration inputs in {time.perf_counter() - t0:.0f} s",
+            flush=True,
+          )
         t0 = time.perf_counter()
         cal = "time_aware" if method == "adaround" else method
         quant = calibrate(qmodel, params, inputs, method=cal, seed=a.seed, batch_size=a.batch_size)
         q_params, extra = params, {}
         if method == "adaround":
-          q_params, report = adaround(qmodel, params, quant, inputs, iters=a.adaround_iters, seed=a.seed, verbose=True)
+          q_params, report = adaround(
+            qmodel, params, quant, inputs, iters=a.adaround_iters, seed=a.seed, verbose=True
+          )
           extra = {"adaround_blocks": report}
         calib_s = time.perf_counter() - t0
         variables = {"params": q_params, "quant": quant}
         images, secs = sample_all(q_sample, variables, labels, batch_size=a.batch_size, seed=a.seed)
         sizes = check_round_trip(qmodel, q_params, quant, *probe)
-        grid = f"{tag}_W{w_bits}A{a_bits}_{method}_split{int(split)}" if method in ("single", "time_aware") and split == (method == "time_aware") else None
-        add(key, {"config": f"W{w_bits}A{a_bits}", "method": METHOD_NAMES[method], "split": split, "seed": a.seed,
-                  "weight_bytes": sizes["total"], "file_bytes": sizes["file"],
-                  "round_trip_max_abs_diff": sizes["round_trip_max_abs_diff"],
-                  "calibration_s": round(calib_s, 1), "sample_s": round(secs, 1), **extra, **scorer(images, labels)},
-            images, grid)
+        grid = (
+          f"{tag}_W{w_bits}A{a_bits}_{method}_split{int(split)}"
+          if method in ("single", "time_aware") and split == (method == "time_aware")
+          else None
+        )
+        add(
+          key,
+          {
+            "config": f"W{w_bits}A{a_bits}",
+            "method": METHOD_NAMES[method],
+            "split": split,
+            "seed": a.seed,
+            "weight_bytes": sizes["total"],
+            "file_bytes": sizes["file"],
+            "round_trip_max_abs_diff": sizes["round_trip_max_abs_diff"],
+            "calibration_s": round(calib_s, 1),
+            "sample_s": round(secs, 1),
+            **extra,
+            **scorer(images, labels),
+          },
+          images,
+          grid,
+        )
 
 
 def _row(rows, model, config, method, split=False, seed=None):
   for r in rows:
-    if r["model"] == model and r["config"] == config and r["method"] == method and r["split"] == split:
-      if seed is None or r["seed"] == seed:
-        return r
+    same = (r["model"], r["config"], r["method"], r["split"]) == (model, config, method, split)
+    if same and (seed is None or r["seed"] == seed):
+      return r
   return None
 
 
@@ -223,20 +281,29 @@ def checks(result) -> dict:
   return out
 
 
+def seed_note(row: dict) -> str:
+  return f" (seed {row['seed']})" if row["config"] == "FP32" else ""
+
+
 def markdown(name: str, result: dict) -> str:
   lines = [
     f"# Quantization: {result['workdir']}",
     "",
     f"Command: `{result['command']}`",
     "",
-    f"Machine: {result['machine']}; load {result['load']}. {result['num_samples']} samples per row "
-    f"(balanced labels, the same labels and initial noise in every row), DDIM eta 0 at {result['steps']} steps "
-    f"(guidance w = {result['guidance']:g}), judge `{result['judge']}` against {result['num_reference']} real images. "
-    f"Calibration: {result['calib_num']} full-precision trajectories from other noise.",
+    (
+      f"Machine: {result['machine']}; load {result['load']}. {result['num_samples']} samples per row "
+      f"(balanced labels, the same labels and initial noise in every row), DDIM eta 0 at {result['steps']} "
+      f"steps (guidance w = {result['guidance']:g}), judge `{result['judge']}` against "
+      f"{result['num_reference']} real images. Calibration: {result['calib_num']} full-precision "
+      "trajectories from other noise."
+    ),
     "",
-    "FD: Fréchet distance on judge features (lower is better); acc: judge class accuracy. Weight bytes: "
-    "integer kernels (int8, or two int4 per byte) + float32 per-channel scales + float32 biases, norms and "
-    "embeddings, as written by `save_quantized` (stem and head convolutions stay 8-bit).",
+    (
+      "FD: Fréchet distance on judge features (lower is better); acc: judge class accuracy. Weight bytes: "
+      "integer kernels (int8, or two int4 per byte) + float32 per-channel scales + float32 biases, norms and "
+      "embeddings, as written by `save_quantized` (stem and head convolutions stay 8-bit)."
+    ),
     "",
     "| model | config | calibration | split | FD | acc | precision | recall | weight bytes | round trip |",
     "|---|---|---|---|---|---|---|---|---|---|",
@@ -244,7 +311,7 @@ def markdown(name: str, result: dict) -> str:
   for r in result["rows"]:
     rt = r.get("round_trip_max_abs_diff")
     lines.append(
-      f"| {r['model']} | {r['config']}{' (seed %d)' % r['seed'] if r['config'] == 'FP32' else ''} | {r['method']} | "
+      f"| {r['model']} | {r['config']}{seed_note(r)} | {r['method']} | "
       f"{'yes' if r['split'] else 'no'} | {r['frechet_distance']:.3f} | {r['class_accuracy']:.3f} | "
       f"{r['precision']:.3f} | {r['recall']:.3f} | {r['weight_bytes']:,} | {'-' if rt is None else ('exact' if rt == 0 else f'{rt:.1e}')} |"
     )
@@ -265,7 +332,9 @@ def main() -> None:
   p.add_argument("--guidance", type=float, default=1.0)
   p.add_argument("--calib-num", type=int, default=256, help="calibration trajectories")
   p.add_argument("--bits", nargs="+", default=["W8A8", "W4A8", "W4A4"])
-  p.add_argument("--adaround-iters", type=int, default=500, help="AdaRound rows below 8-bit weights (0: none)")
+  p.add_argument(
+    "--adaround-iters", type=int, default=500, help="AdaRound rows below 8-bit weights (0: none)"
+  )
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--name", default="quantization")
   a = p.parse_args()
@@ -276,17 +345,39 @@ def main() -> None:
   cache = RowCache(a.name, settings)
   rows: list[dict] = []
   spacing = run.config.sample.get("spacing", "uniform")
-  run_model(a, tag="teacher", model=run.model, schedule=run.schedule, params=run.params, image_shape=run.image_shape,
-            prediction=run.config.diffusion.prediction, spacing=spacing, num_steps=a.steps, scorer=scorer,
-            cache=cache, rows=rows)
+  run_model(
+    a,
+    tag="teacher",
+    model=run.model,
+    schedule=run.schedule,
+    params=run.params,
+    image_shape=run.image_shape,
+    prediction=run.config.diffusion.prediction,
+    spacing=spacing,
+    num_steps=a.steps,
+    scorer=scorer,
+    cache=cache,
+    rows=rows,
+  )
   if a.student:
     from diffjax.distillation import load_stage, stage_names
 
     stage = a.student_stage or stage_names(a.student)[-1]
     model, schedule, params, cfg = load_stage(a.student, stage)
-    run_model(a, tag="student", model=model, schedule=schedule, params=params, image_shape=run.image_shape,
-              prediction=cfg.diffusion.prediction if "diffusion" in cfg else "v", spacing="trailing",
-              num_steps=int(cfg.stage.student_steps), scorer=scorer, cache=cache, rows=rows)
+    run_model(
+      a,
+      tag="student",
+      model=model,
+      schedule=schedule,
+      params=params,
+      image_shape=run.image_shape,
+      prediction=cfg.diffusion.prediction if "diffusion" in cfg else "v",
+      spacing="trailing",
+      num_steps=int(cfg.stage.student_steps),
+      scorer=scorer,
+      cache=cache,
+      rows=rows,
+    )
   result = {
     "command": "python " + " ".join(sys.argv),
     "machine": machine(),

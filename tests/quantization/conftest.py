@@ -16,9 +16,9 @@ NUM_STEPS = 4
 def tiny():
   """(model, params, schedule, inputs): 8 trajectories of DDIM-4 with guidance 2 (16 model rows)."""
   model = UNet(
-    block_out_channels=(8,),
+    block_out_channels=[8],  # lists, as in a model built from a JSON config (unhashable module)
     layers_per_block=1,
-    attention_levels=(False,),
+    attention_levels=[False],
     attention_head_dim=8,
     norm_num_groups=4,
     num_classes=10,

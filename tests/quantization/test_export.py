@@ -32,7 +32,8 @@ def test_round_trip_is_exact(tiny, calibrated8, tmp_path, bits):
   for k in fq:
     np.testing.assert_array_equal(np.asarray(fq[k]), loaded[k])
   np.testing.assert_array_equal(
-    np.asarray(traverse_util.flatten_dict(fake_quant_params(p2, q2, cfg))[("conv_out", "kernel")]), loaded[("conv_out", "kernel")]
+    np.asarray(traverse_util.flatten_dict(fake_quant_params(p2, q2, cfg))[("conv_out", "kernel")]),
+    loaded[("conv_out", "kernel")],
   )
   x, t, y = jnp.asarray(inputs.x[1]), jnp.full((inputs.num_rows,), inputs.t[1]), jnp.asarray(inputs.cond)
   apply = jax.jit(QuantizedModel(model, cfg2).apply)  # cfg2 == cfg: one compile for both
