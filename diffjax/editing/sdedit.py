@@ -24,7 +24,7 @@ from diffjax.losses import ModelFn
 from diffjax.samplers.ddim import ddim_step
 from diffjax.samplers.ddpm import ddpm_step
 from diffjax.samplers.loop import reverse_loop
-from diffjax.samplers.timesteps import check_num_steps, make_timesteps
+from diffjax.samplers.timesteps import TimestepTable, check_num_steps, make_timesteps
 from diffjax.schedules import Schedule
 
 __all__ = ["SDEDIT_SAMPLERS", "check_strength", "sdedit", "sdedit_num_steps"]
@@ -67,6 +67,8 @@ def sdedit(
   variance: str = "small",
   prediction: str = "eps",
   clip_x0: float | None = 1.0,
+  table: TimestepTable | None = None,
+  eps_from_clipped_x0: bool = True,
 ) -> jnp.ndarray:
   """Edits ``x_guide`` ``[B, H, W, C]`` (model range [-1, 1]) by SDEdit.
 
@@ -89,6 +91,10 @@ def sdedit(
     variance: DDPM reverse variance, "small" or "large".
     prediction: the model's parameterisation.
     clip_x0: clip of the predicted clean image (None for none).
+    table: DDIM only: an explicit timestep plan replacing ``spacing`` (e.g. a diffusers scheduler's, see
+      :mod:`diffjax.pretrained.scheduler`); the edit re-runs its lowest ``ceil(strength * num_steps)``
+      entries with the table's step targets and final alpha-bar.
+    eps_from_clipped_x0: see :func:`diffjax.samplers.ddim.ddim_step`.
 
   Returns:
     The edited images, shaped like ``x_guide``.
@@ -110,11 +116,16 @@ def sdedit(
       )
   T = schedule.num_timesteps
   B = x_guide.shape[0]
+  prev_ts, final_ab = None, 1.0
   if sampler == "ddpm":
+    if table is not None:
+      raise ValueError("table applies to sampler='ddim' only")
     n_full, ts = T, jnp.arange(T, dtype=jnp.int32)
-  else:
+  elif table is None:
     check_num_steps(num_steps, T)
     n_full, ts = num_steps, make_timesteps(num_timesteps=T, num_steps=num_steps, spacing=spacing)
+  else:
+    n_full, ts, prev_ts, final_ab = num_steps, table.timesteps, table.prev_timesteps, table.final_alpha_bar
   k = sdedit_num_steps(strength=strength, num_steps=n_full)
   t0 = ts[k - 1]
   x_t0 = diffusion.q_sample(
@@ -151,6 +162,8 @@ def sdedit(
         eta=eta,
         prediction=prediction,
         clip_x0=clip_x0,
+        final_alpha_bar=final_ab,
+        eps_from_clipped_x0=eps_from_clipped_x0,
       )
     if mask is None:
       return x_prev
@@ -161,4 +174,6 @@ def sdedit(
     known = jnp.where(t_prev >= 0, known, x_guide)
     return mask * x_prev + (1.0 - mask) * known
 
-  return reverse_loop(step_fn=step_fn, x_T=x_t0, timesteps=ts, num_steps=k, key=jax.random.fold_in(key, 1))
+  return reverse_loop(
+    step_fn=step_fn, x_T=x_t0, timesteps=ts, num_steps=k, key=jax.random.fold_in(key, 1), prev_timesteps=prev_ts
+  )
