@@ -5,6 +5,13 @@
   python experiments/quantization.py --workdir runs/mnist --judge runs/judges/mnist.safetensors \
       --data-path PATH --name quantization
 
+The sklearn-digits model (8x8, no data download; ``configs/digits_ddpm.py``) and its judge:
+
+  python -m diffjax train --config configs/digits_ddpm.py --workdir runs/digits_ddpm
+  python -m diffjax train-judge --source digits --out runs/judges/digits.safetensors
+  python experiments/quantization.py --workdir runs/digits_ddpm --judge runs/judges/digits.safetensors \
+      --num 1000 --batch-size 250 --steps 50 --calib-num 256 --bits W8A8 W4A8 W4A4 --name quantization_digits
+
 For W8A8, W4A8 and W4A4 (``--bits``), with and without Q-Diffusion's split shortcut quantization, the
 model is calibrated along full-precision DDIM trajectories (``--calib-num`` trajectories, other noise
 than the evaluation's) with each method of :mod:`diffjax.quantization.calibration`: one step (naive,
@@ -16,7 +23,10 @@ Each configuration is exported as integer safetensors (:mod:`diffjax.quantizatio
 and checked bit-exact; the table reports its weight bytes. A distilled few-step student
 (``--student`` work directory and stage of ``python -m diffjax distill``) gets the same treatment at
 its own step count. Below 8-bit weights, a "time-aware + AdaRound" row (split shortcuts) learns the
-weight rounding block by block (:mod:`diffjax.quantization.adaround`). Rows are cached in ``runs/partial/NAME.json`` so a stopped run resumes.
+weight rounding block by block (:mod:`diffjax.quantization.adaround`), and a diagnostic row keeps the
+low-bit weights with float activations (the weight rounding error alone, which activation calibration
+cannot remove). Rows are cached in ``runs/partial/NAME.json`` (keyed by everything but ``--bits``), so a
+stopped run resumes and a run with more ``--bits`` only adds rows.
 Writes ``experiments/results/NAME.json`` and ``.md``.
 """
 

@@ -49,3 +49,15 @@ def calibrated8(tiny):
   model, params, _, inputs, _ = tiny
   qm = QuantizedModel(model, QuantConfig.wa(8, 8, split_shortcut=True))
   return qm, calibrate(qm, params, inputs, method="per_timestep")
+
+
+@pytest.fixture(scope="session")
+def apply8(calibrated8):
+  """The jitted quantized forward pass of ``calibrated8``'s model, compiled once for all tests."""
+  return jax.jit(calibrated8[0].apply)
+
+
+@pytest.fixture(scope="session")
+def apply_fp(tiny):
+  """The jitted full-precision forward pass of the tiny model."""
+  return jax.jit(tiny[0].apply)
