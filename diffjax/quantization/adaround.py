@@ -204,7 +204,8 @@ def adaround(
       for i, a in zip(_arrays, _inputs):
         ls[i] = a[idx]
       args, kwargs = jax.tree.unflatten(_treedef, ls)
-      icpt = _Interceptor(config, mode="quantize", t=t[idx], timesteps=timesteps)
+      # The block's layers see their whole-model paths, so per-layer bit overrides (stem, head) apply.
+      icpt = _Interceptor(config, mode="quantize", t=t[idx], timesteps=timesteps, prefix=(name,))
       with nn.intercept_methods(icpt):
         return _module.apply({"params": traverse_util.unflatten_dict(p), QUANT: _qb}, *args, **kwargs)
 

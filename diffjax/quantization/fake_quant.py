@@ -193,9 +193,10 @@ def _observed_sample(x: jnp.ndarray, path: tuple[str, ...], site: str) -> tuple[
 class _Interceptor:
   """Quantizes (``mode="quantize"``) or records the ranges of (``mode="observe"``) every site."""
 
-  def __init__(self, config: QuantConfig, *, mode: str, t=None, timesteps=None):
+  def __init__(self, config: QuantConfig, *, mode: str, t=None, timesteps=None, prefix: tuple[str, ...] = ()):
     self.config = config
     self.mode = mode
+    self.prefix = tuple(prefix)  # path of the applied module in the whole model (a block run on its own)
     self.concats: list[tuple[Any, int]] = []  # (concatenated array, split channel) of concat_skip calls
     self.index = None
     if mode == "quantize":
@@ -225,7 +226,7 @@ class _Interceptor:
     return None
 
   def _site(self, m, site: str, x: jnp.ndarray, bits: int, mode: str) -> jnp.ndarray:
-    path = tuple(m.path)
+    path = self.prefix + tuple(m.path)
     if self.mode == "observe":
       xf = x.astype(jnp.float32)
       m.put_variable(STATS, f"{site}_min", jnp.min(xf))
@@ -255,7 +256,7 @@ class _Interceptor:
   def _linear(self, m, next_fun, args, kwargs):
     x = args[0]
     kind = "conv" if isinstance(m, nn.Conv) else "dense"
-    path = tuple(m.path)
+    path = self.prefix + tuple(m.path)
     split = self._split_of(x) if kind == "conv" else None
     if self.mode == "observe":
       m.put_variable(STATS, "layer", jnp.int32(4 if kind == "conv" else 2))
@@ -285,7 +286,7 @@ class _Interceptor:
 
   def _attention(self, m, q, k, v):
     """Einsum attention with quantized ``q``, ``k``, ``v`` and softmax output (all ``[B, L, heads, d]``)."""
-    path = tuple(m.path)
+    path = self.prefix + tuple(m.path)
     mode = self._act_mode()
     qk_bits = self.config.act_bits(path, "qk")
     v_bits = self.config.act_bits(path, "v")
