@@ -33,7 +33,7 @@ from diffjax.quantization.calibration import CalibrationInputs, select_inputs
 from diffjax.quantization.fake_quant import QUANT, QuantizedModel, _Interceptor
 from diffjax.quantization.quantizers import int_range
 
-__all__ = ["ZETA", "GAMMA", "rectified_sigmoid", "adaround"]
+__all__ = ["GAMMA", "ZETA", "adaround", "rectified_sigmoid"]
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -58,7 +58,12 @@ class _Capture:
   def __call__(self, next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     m = context.module
-    if context.method_name == "__call__" and m.scope is not None and len(m.path) == 1 and m.path[0] not in self.calls:
+    if (
+      context.method_name == "__call__"
+      and m.scope is not None
+      and len(m.path) == 1
+      and m.path[0] not in self.calls
+    ):
       leaves, treedef = jax.tree.flatten((args, kwargs))
       arrays = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.Array)]
       self.calls[m.path[0]] = {
@@ -139,7 +144,7 @@ def adaround(
   """
   if iters < 1 or batch_size < 1 or num < 1:
     raise ValueError(f"iters, batch_size and num must be >= 1, got {iters}, {batch_size}, {num}")
-  (x, t, cond), = select_inputs(inputs, method="time_aware", num=num, seed=seed)
+  ((x, t, cond),) = select_inputs(inputs, method="time_aware", num=num, seed=seed)
   x, t = jnp.asarray(x), jnp.asarray(t)
   cond = jax.tree.map(jnp.asarray, cond)
   model, config = qmodel.model, qmodel.config
@@ -180,25 +185,41 @@ def adaround(
     quant_block = traverse_util.unflatten_dict(block_q)
     target = call["output"]
 
-    def block_out(v_tree, idx, hard=False, _module=module, _base=base, _block_p=block_p, _qb=quant_block,
-                  _treedef=treedef, _leaves=leaves, _arrays=arrays, _inputs=call["inputs"]):
+    def block_out(
+      v_tree,
+      idx,
+      hard=False,
+      _module=module,
+      _base=base,
+      _block_p=block_p,
+      _qb=quant_block,
+      _treedef=treedef,
+      _leaves=leaves,
+      _arrays=arrays,
+      _inputs=call["inputs"],
+    ):
       p = dict(_block_p)
       p.update(_rounded_kernels(v_tree, _base, hard))
       ls = list(_leaves)
       for i, a in zip(_arrays, _inputs):
         ls[i] = a[idx]
       args, kwargs = jax.tree.unflatten(_treedef, ls)
-      icpt = _Interceptor(config, mode="quantize", t=t[idx], timesteps=timesteps)
+      # The block's layers see their whole-model paths, so per-layer bit overrides (stem, head) apply.
+      icpt = _Interceptor(config, mode="quantize", t=t[idx], timesteps=timesteps, prefix=(name,))
       with nn.intercept_methods(icpt):
         return _module.apply({"params": traverse_util.unflatten_dict(p), QUANT: _qb}, *args, **kwargs)
 
     def rec_loss(out, idx, _target=target):
-      errs = jax.tree.map(lambda o, r: jnp.sum(jnp.square(o - r[idx]).reshape(idx.shape[0], -1), axis=1), out, _target)
+      errs = jax.tree.map(
+        lambda o, r: jnp.sum(jnp.square(o - r[idx]).reshape(idx.shape[0], -1), axis=1), out, _target
+      )
       return jnp.mean(sum(jax.tree.leaves(errs)))
 
     def loss_fn(v_tree, idx, b, use_reg, _block_out=block_out, _rec=rec_loss):
       rec = _rec(_block_out(v_tree, idx), idx)
-      round_loss = sum(jnp.sum(1.0 - jnp.abs(2.0 * rectified_sigmoid(v) - 1.0) ** b) for v in jax.tree.leaves(v_tree))
+      round_loss = sum(
+        jnp.sum(1.0 - jnp.abs(2.0 * rectified_sigmoid(v) - 1.0) ** b) for v in jax.tree.leaves(v_tree)
+      )
       return rec + use_reg * reg * round_loss
 
     opt = optax.adam(learning_rate)
@@ -209,8 +230,10 @@ def adaround(
       updates, opt_state = _opt.update(g, opt_state, v_tree)
       return optax.apply_updates(v_tree, updates), opt_state, loss
 
-    eval_mse = jax.jit(lambda v, hard, _bo=block_out, _rec=rec_loss: _rec(_bo(v, jnp.arange(n), hard), jnp.arange(n)),
-                       static_argnums=1)
+    eval_mse = jax.jit(
+      lambda v, hard, _bo=block_out, _rec=rec_loss: _rec(_bo(v, jnp.arange(n), hard), jnp.arange(n)),
+      static_argnums=1,
+    )
     t0 = time.perf_counter()
     nearest = float(eval_mse(v0, True))  # h(V0) = frac(W / s): hard rounding of it is rounding to nearest
     v_tree, opt_state = v0, opt.init(v0)
@@ -219,9 +242,13 @@ def adaround(
       frac = max(0.0, (i - start) / max(iters - start, 1))
       b = beta[0] + (beta[1] - beta[0]) * frac
       idx = jnp.asarray(rng.choice(n, batch_size, replace=False))
-      v_tree, opt_state, loss = step(v_tree, opt_state, idx, jnp.float32(b), jnp.float32(i >= start))
+      v_tree, opt_state, _ = step(v_tree, opt_state, idx, jnp.float32(b), jnp.float32(i >= start))
     learned = float(eval_mse(v_tree, True))
-    report[name] = {"nearest_mse": nearest, "adaround_mse": learned, "seconds": round(time.perf_counter() - t0, 1)}
+    report[name] = {
+      "nearest_mse": nearest,
+      "adaround_mse": learned,
+      "seconds": round(time.perf_counter() - t0, 1),
+    }
     if verbose:
       print(f"adaround {name}: block MSE {nearest:.4g} (nearest) -> {learned:.4g}", flush=True)
     if learned < nearest:  # otherwise the block keeps rounding to nearest

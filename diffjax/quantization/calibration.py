@@ -32,7 +32,7 @@ from diffjax.quantization.quantizers import activation_range, weight_scales
 from diffjax.samplers.ddim import ddim_step
 from diffjax.samplers.timesteps import make_timesteps
 
-__all__ = ["CALIBRATION_METHODS", "CalibrationInputs", "record_ddim_inputs", "select_inputs", "calibrate"]
+__all__ = ["CALIBRATION_METHODS", "CalibrationInputs", "calibrate", "record_ddim_inputs", "select_inputs"]
 
 CALIBRATION_METHODS = ("single", "random", "time_aware", "per_timestep")
 
@@ -162,7 +162,7 @@ def select_inputs(
   if num < 1:
     raise ValueError(f"num must be >= 1, got {num}")
   rng = np.random.default_rng(seed)
-  take_cond = lambda rows: jax.tree.map(lambda c: c[rows], inputs.cond)  # noqa: E731
+  take_cond = lambda rows: jax.tree.map(lambda c: c[rows], inputs.cond)
   if method == "per_timestep":
     return [(inputs.x[s], np.full(N, inputs.t[s]), inputs.cond) for s in range(S)]
   rows = rng.choice(N, size=num, replace=num > N)
@@ -193,7 +193,7 @@ def _merge(stats: list[dict]) -> dict:
 
 
 def _observe_groups(qmodel: QuantizedModel, params, groups, batch_size: int) -> list[dict]:
-  observe = lambda p, x, t, c: qmodel.observe(p, x, t, c)[1]  # noqa: E731  (jitted and cached)
+  observe = lambda p, x, t, c: qmodel.observe(p, x, t, c)[1]
   merged = []
   for x, t, cond in groups:
     batches = []
@@ -278,7 +278,7 @@ def calibrate(
     path, site = key[:-1], key[-1][: -len("_values")]
     layer_kind = {4: "conv", 2: "dense"}.get(layers.get(path))
     kind, forced = _site_kind(site, layer_kind)
-    gather = lambda name, p=path, si=site: np.stack([s[p + (f"{si}_{name}",)] for s in stats])  # noqa: E731
+    gather = lambda name, p=path, si=site: np.stack([s[p + (f"{si}_{name}",)] for s in stats])
     scale, zero = activation_range(
       gather("values"),
       weights=gather("weights"),

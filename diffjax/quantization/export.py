@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 from diffjax.quantization.fake_quant import QuantConfig
 from diffjax.quantization.quantizers import int_range, pack_int4, quantize_to_int, unpack_int4
 
-__all__ = ["FORMAT", "quantized_kernels", "weight_bytes", "save_quantized", "load_quantized"]
+__all__ = ["FORMAT", "load_quantized", "quantized_kernels", "save_quantized", "weight_bytes"]
 
 FORMAT = "diffjax-quant-1"
 _META_KEY = "diffjax_quant"
@@ -87,7 +87,9 @@ def weight_bytes(params: Any, quant: Any, config: QuantConfig) -> dict[str, int]
   flat_p = traverse_util.flatten_dict(params)
   fbytes = sum(4 * int(np.size(v)) for k, v in flat_p.items() if k not in kernels)
   act = sum(
-    int(np.asarray(v).nbytes) for k, v in traverse_util.flatten_dict(quant).items() if k[-1] not in ("w_scale", "w_split")
+    int(np.asarray(v).nbytes)
+    for k, v in traverse_util.flatten_dict(quant).items()
+    if k[-1] not in ("w_scale", "w_split")
   )
   return {
     "quantized_kernels": int(qbytes),
@@ -123,13 +125,20 @@ def save_quantized(path: str | os.PathLike, params: Any, quant: Any, config: Qua
       data = q.astype(np.int8 if storage == "int8" else np.int16)
     tensors[f"{name}.q"] = np.ascontiguousarray(data)
     tensors[f"{name}.scale"] = np.ascontiguousarray(info["scale"])
-    meta["kernels"][name] = {"bits": info["bits"], "shape": list(q.shape), "storage": storage, "split": info["split"]}
+    meta["kernels"][name] = {
+      "bits": info["bits"],
+      "shape": list(q.shape),
+      "storage": storage,
+      "split": info["split"],
+    }
   for key, value in traverse_util.flatten_dict(params).items():
     if key not in kernels:
       tensors["/".join(key)] = np.ascontiguousarray(np.asarray(value, np.float32))
   for key, value in traverse_util.flatten_dict(quant).items():
     value = np.asarray(value)
-    tensors["quant/" + "/".join(key)] = np.ascontiguousarray(value.astype(np.int32 if value.dtype.kind in "iu" else np.float32))
+    tensors["quant/" + "/".join(key)] = np.ascontiguousarray(
+      value.astype(np.int32 if value.dtype.kind in "iu" else np.float32)
+    )
   path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp-{os.getpid()}"
@@ -158,20 +167,22 @@ def load_quantized(path: str | os.PathLike) -> tuple[dict, dict, QuantConfig]:
   try:
     with safe_open(path, framework="numpy") as f:
       header = f.metadata() or {}
-      tensors = {k: f.get_tensor(k) for k in f.keys()}
+      tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
   except (SafetensorError, OSError, ValueError) as err:
     raise ValueError(f"'{path}' is not a readable safetensors file: {err}") from err
   try:
     meta = json.loads(header[_META_KEY])
   except (KeyError, json.JSONDecodeError) as err:
-    raise ValueError(f"'{path}' has no valid '{_META_KEY}' metadata; was it written by save_quantized?") from err
+    raise ValueError(
+      f"'{path}' has no valid '{_META_KEY}' metadata; was it written by save_quantized?"
+    ) from err
   if meta.get("format") != FORMAT:
     raise ValueError(f"'{path}' has format {meta.get('format')!r}, expected {FORMAT!r}")
   config = QuantConfig.from_json(meta["config"])
   params: dict[tuple, np.ndarray] = {}
   quant: dict[tuple, np.ndarray] = {}
   for name, value in tensors.items():
-    if name.endswith(".q") or name.endswith(".scale"):
+    if name.endswith((".q", ".scale")):
       continue
     if name.startswith("quant/"):
       quant[tuple(name[len("quant/") :].split("/"))] = value

@@ -33,7 +33,6 @@ model is differentiable in its parameters and inputs.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 import zlib
 from typing import Any
@@ -47,7 +46,7 @@ from flax import traverse_util
 from diffjax.models.attention import AttentionBlock
 from diffjax.quantization.quantizers import check_bits, fake_quant, fake_quant_weight, int_range
 
-__all__ = ["QuantConfig", "QuantizedModel", "fake_quant_params", "STATS", "QUANT"]
+__all__ = ["QUANT", "STATS", "QuantConfig", "QuantizedModel", "fake_quant_params"]
 
 QUANT = "quant"
 STATS = "quant_stats"
@@ -110,15 +109,15 @@ class QuantConfig:
     keeps attention probabilities at 8 bits).
     """
     sm = None if act_bits is None else max(act_bits, 8)
-    base = dict(
-      conv_weight_bits=weight_bits,
-      dense_weight_bits=weight_bits,
-      conv_act_bits=act_bits,
-      dense_act_bits=act_bits,
-      attn_qk_bits=act_bits,
-      attn_v_bits=act_bits,
-      softmax_bits=sm,
-    )
+    base = {
+      "conv_weight_bits": weight_bits,
+      "dense_weight_bits": weight_bits,
+      "conv_act_bits": act_bits,
+      "dense_act_bits": act_bits,
+      "attn_qk_bits": act_bits,
+      "attn_v_bits": act_bits,
+      "softmax_bits": sm,
+    }
     base.update(kwargs)
     return cls(**base)
 
@@ -194,9 +193,10 @@ def _observed_sample(x: jnp.ndarray, path: tuple[str, ...], site: str) -> tuple[
 class _Interceptor:
   """Quantizes (``mode="quantize"``) or records the ranges of (``mode="observe"``) every site."""
 
-  def __init__(self, config: QuantConfig, *, mode: str, t=None, timesteps=None):
+  def __init__(self, config: QuantConfig, *, mode: str, t=None, timesteps=None, prefix: tuple[str, ...] = ()):
     self.config = config
     self.mode = mode
+    self.prefix = tuple(prefix)  # path of the applied module in the whole model (a block run on its own)
     self.concats: list[tuple[Any, int]] = []  # (concatenated array, split channel) of concat_skip calls
     self.index = None
     if mode == "quantize":
@@ -226,7 +226,7 @@ class _Interceptor:
     return None
 
   def _site(self, m, site: str, x: jnp.ndarray, bits: int, mode: str) -> jnp.ndarray:
-    path = tuple(m.path)
+    path = self.prefix + tuple(m.path)
     if self.mode == "observe":
       xf = x.astype(jnp.float32)
       m.put_variable(STATS, f"{site}_min", jnp.min(xf))
@@ -239,7 +239,9 @@ class _Interceptor:
     zero = m.get_variable(QUANT, f"{site}_zero")
     where = "/".join(path) or "<root>"
     if scale is None or zero is None:
-      raise ValueError(f"the 'quant' collection has no '{site}' scale for layer '{where}'; calibrate with this config")
+      raise ValueError(
+        f"the 'quant' collection has no '{site}' scale for layer '{where}'; calibrate with this config"
+      )
     if x.shape[0] != self.index.shape[0]:
       raise ValueError(f"layer '{where}' got a batch of {x.shape[0]} but t has {self.index.shape[0]} entries")
     bshape = (x.shape[0],) + (1,) * (x.ndim - 1)
@@ -254,7 +256,7 @@ class _Interceptor:
   def _linear(self, m, next_fun, args, kwargs):
     x = args[0]
     kind = "conv" if isinstance(m, nn.Conv) else "dense"
-    path = tuple(m.path)
+    path = self.prefix + tuple(m.path)
     split = self._split_of(x) if kind == "conv" else None
     if self.mode == "observe":
       m.put_variable(STATS, "layer", jnp.int32(4 if kind == "conv" else 2))
@@ -272,7 +274,10 @@ class _Interceptor:
       mode = self._act_mode()
       if split is not None:
         x = jnp.concatenate(
-          [self._site(m, "act0", x[..., :split], bits, mode), self._site(m, "act1", x[..., split:], bits, mode)],
+          [
+            self._site(m, "act0", x[..., :split], bits, mode),
+            self._site(m, "act1", x[..., split:], bits, mode),
+          ],
           axis=-1,
         )
       else:
@@ -281,7 +286,7 @@ class _Interceptor:
 
   def _attention(self, m, q, k, v):
     """Einsum attention with quantized ``q``, ``k``, ``v`` and softmax output (all ``[B, L, heads, d]``)."""
-    path = tuple(m.path)
+    path = self.prefix + tuple(m.path)
     mode = self._act_mode()
     qk_bits = self.config.act_bits(path, "qk")
     v_bits = self.config.act_bits(path, "v")
@@ -395,20 +400,35 @@ class QuantizedModel:
 
 def _observation_key(config: QuantConfig) -> QuantConfig:
   """The part of a config that observation depends on: which sites exist, and splitting."""
-  on = lambda b: None if b is None else 8  # noqa: E731
-  bits = {f.name: on(getattr(config, f.name)) for f in dataclasses.fields(config) if f.name.endswith("_bits") and f.name != "layer_bits"}
+  on = lambda b: None if b is None else 8
+  bits = {
+    f.name: on(getattr(config, f.name))
+    for f in dataclasses.fields(config)
+    if f.name.endswith("_bits") and f.name != "layer_bits"
+  }
   layer_bits = tuple((p, on(w), on(a)) for p, w, a in config.layer_bits)
   return QuantConfig(**bits, layer_bits=layer_bits, split_shortcut=config.split_shortcut)
 
 
-@functools.lru_cache(maxsize=16)
+_OBSERVERS: dict[tuple[int, QuantConfig], tuple[nn.Module, Any]] = {}
+
+
 def _observer(model: nn.Module, config: QuantConfig):
-  """One jitted observation pass per (model, observation key), shared by every calibration."""
+  """One jitted observation pass per (model object, observation key), shared by every calibration.
 
-  @jax.jit
-  def observe(params, x, t, cond):
-    with nn.intercept_methods(_Interceptor(config, mode="observe")):
-      out, mutated = model.apply({"params": params}, x, t, cond, mutable=[STATS])
-    return out, mutated.get(STATS, {})
+  Keyed by the module's identity (modules built from configs may hold unhashable lists); the cache holds
+  a reference to the module so that its id is not reused.
+  """
+  key = (id(model), config)
+  if key not in _OBSERVERS:
 
-  return observe
+    @jax.jit
+    def observe(params, x, t, cond):
+      with nn.intercept_methods(_Interceptor(config, mode="observe")):
+        out, mutated = model.apply({"params": params}, x, t, cond, mutable=[STATS])
+      return out, mutated.get(STATS, {})
+
+    if len(_OBSERVERS) >= 16:
+      _OBSERVERS.pop(next(iter(_OBSERVERS)))
+    _OBSERVERS[key] = (model, observe)
+  return _OBSERVERS[key][1]

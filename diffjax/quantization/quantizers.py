@@ -24,16 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-  "check_bits",
-  "int_range",
-  "round_ste",
-  "fake_quant",
-  "quantize_to_int",
-  "weight_scales",
-  "fake_quant_weight",
   "activation_range",
+  "check_bits",
+  "fake_quant",
+  "fake_quant_weight",
+  "int_range",
   "pack_int4",
+  "quantize_to_int",
+  "round_ste",
   "unpack_int4",
+  "weight_scales",
 ]
 
 MIN_SCALE = 1e-8

@@ -16,9 +16,9 @@ NUM_STEPS = 4
 def tiny():
   """(model, params, schedule, inputs): 8 trajectories of DDIM-4 with guidance 2 (16 model rows)."""
   model = UNet(
-    block_out_channels=(8,),
+    block_out_channels=[8],  # lists, as in a model built from a JSON config (unhashable module)
     layers_per_block=1,
-    attention_levels=(False,),
+    attention_levels=[False],
     attention_head_dim=8,
     norm_num_groups=4,
     num_classes=10,
@@ -49,3 +49,15 @@ def calibrated8(tiny):
   model, params, _, inputs, _ = tiny
   qm = QuantizedModel(model, QuantConfig.wa(8, 8, split_shortcut=True))
   return qm, calibrate(qm, params, inputs, method="per_timestep")
+
+
+@pytest.fixture(scope="session")
+def apply8(calibrated8):
+  """The jitted quantized forward pass of ``calibrated8``'s model, compiled once for all tests."""
+  return jax.jit(calibrated8[0].apply)
+
+
+@pytest.fixture(scope="session")
+def apply_fp(tiny):
+  """The jitted full-precision forward pass of the tiny model."""
+  return jax.jit(tiny[0].apply)

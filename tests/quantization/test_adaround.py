@@ -32,7 +32,9 @@ def test_adaround_lowers_block_error_and_keeps_weights_on_the_grid():
   model = _Model()
   rng = np.random.default_rng(0)
   params = model.init(jax.random.key(0), jnp.zeros((1, 6)), jnp.zeros((1,)))["params"]
-  inputs = CalibrationInputs(x=rng.standard_normal((2, 64, 6)).astype(np.float32), t=np.array([5, 0]), cond=None)
+  inputs = CalibrationInputs(
+    x=rng.standard_normal((2, 64, 6)).astype(np.float32), t=np.array([5, 0]), cond=None
+  )
   cfg = QuantConfig(dense_weight_bits=3, dense_act_bits=None, layer_bits=())
   qm = QuantizedModel(model, cfg)
   quant = calibrate(qm, params, inputs, method="time_aware", num=128)
@@ -50,7 +52,7 @@ def test_adaround_lowers_block_error_and_keeps_weights_on_the_grid():
   # The whole quantized model is closer to full precision on the calibration data.
   x, t = jnp.asarray(inputs.x.reshape(-1, 6)), jnp.zeros((128,))
   ref = model.apply({"params": params}, x, t)
-  err = lambda p: float(jnp.mean((qm.apply({"params": p, "quant": quant}, x, t) - ref) ** 2))  # noqa: E731
+  err = lambda p: float(jnp.mean((qm.apply({"params": p, "quant": quant}, x, t) - ref) ** 2))
   assert err(new) < err(params)
   with pytest.raises(ValueError, match="iters"):
     adaround(qm, params, quant, inputs, iters=0)

@@ -16,10 +16,17 @@ from .conftest import NUM_STEPS
 def test_recorded_trajectory_is_the_samplers(tiny):
   model, params, schedule, inputs, samples = tiny
   labels = jnp.arange(8) % 10
-  guided = classifier_free_guidance(make_model_fn(model), guidance_scale=2.0, null_cond=jnp.full_like(labels, 10))
+  guided = classifier_free_guidance(
+    make_model_fn(model), guidance_scale=2.0, null_cond=jnp.full_like(labels, 10)
+  )
   ref = ddim_sample(
-    model_fn=guided, params=params, schedule=schedule, x_T=jax.random.normal(jax.random.key(1), (8, 8, 8, 1)),
-    key=jax.random.key(2), cond=labels, num_steps=NUM_STEPS,
+    model_fn=guided,
+    params=params,
+    schedule=schedule,
+    x_T=jax.random.normal(jax.random.key(1), (8, 8, 8, 1)),
+    key=jax.random.key(2),
+    cond=labels,
+    num_steps=NUM_STEPS,
   )
   np.testing.assert_allclose(samples, ref, atol=1e-5)
   assert inputs.x.shape == (NUM_STEPS, 16, 8, 8, 1)
@@ -31,13 +38,13 @@ def test_recorded_trajectory_is_the_samplers(tiny):
 def test_select_inputs_per_method(tiny):
   inputs = tiny[3]
   S, N = inputs.num_steps, inputs.num_rows
-  (x, t, c), = select_inputs(inputs, method="single")
+  ((x, t, c),) = select_inputs(inputs, method="single")
   assert x.shape[0] == N and set(t.tolist()) == {0}
-  (x, t, c), = select_inputs(inputs, method="single", step=0)
+  ((x, t, c),) = select_inputs(inputs, method="single", step=0)
   assert set(t.tolist()) == {30}
-  (x, t, c), = select_inputs(inputs, method="time_aware", num=8)
+  ((x, t, c),) = select_inputs(inputs, method="time_aware", num=8)
   assert x.shape[0] == 8 and sorted(t.tolist()) == [0, 0, 10, 10, 20, 20, 30, 30]
-  (x, t, c), = select_inputs(inputs, method="random", num=64, seed=3)
+  ((x, t, c),) = select_inputs(inputs, method="random", num=64, seed=3)
   assert x.shape[0] == 64 and set(t.tolist()) <= set(inputs.t.tolist()) and len(set(t.tolist())) > 1
   groups = select_inputs(inputs, method="per_timestep")
   assert len(groups) == S and [int(g[1][0]) for g in groups] == inputs.t.tolist()
@@ -59,7 +66,7 @@ def test_time_aware_ranges_cover_the_trajectory_and_single_step_ranges_do_not(ti
   q_time = calibrate(qm, params, inputs, method="time_aware", num=inputs.num_rows)
   q_table = calibrate(qm, params, inputs, method="per_timestep")
   # The stem sees x_t: at t = 0 (last step) a clean-ish image, at t = 30 mostly noise of unit variance.
-  rng = lambda q: float(q["conv_in"]["act_scale"][0]) * 255  # noqa: E731
+  rng = lambda q: float(q["conv_in"]["act_scale"][0]) * 255
   assert rng(q_time) > rng(q_single)
   table = np.asarray(q_table["conv_in"]["act_scale"]) * 255
   x = inputs.x.reshape(inputs.num_steps, -1)

@@ -15,9 +15,12 @@ def _step_batch(inputs, s):
   return jnp.asarray(inputs.x[s]), jnp.full((inputs.num_rows,), inputs.t[s]), jnp.asarray(inputs.cond)
 
 
-def test_16_bit_fake_quant_equals_full_precision(tiny):
+def test_16_bit_fake_quant_equals_full_precision(tiny, apply_fp):
   model, params, _, inputs, _ = tiny
-  cfg = QuantConfig.wa(16, 16, softmax_bits=16, split_shortcut=True, layer_bits=())
+  # Every weight and activation at 16 bits, the stem and head included (same observed sites as the
+  # 8-bit fixture, so calibration reuses its compiled observation pass).
+  sixteen = (("conv_in", 16, 16), ("conv_out", 16, 16))
+  cfg = QuantConfig.wa(16, 16, softmax_bits=16, split_shortcut=True, layer_bits=sixteen)
   qm = QuantizedModel(model, cfg)
   apply = jax.jit(qm.apply)
   # A per-timestep table, on every recorded step.
@@ -25,22 +28,27 @@ def test_16_bit_fake_quant_equals_full_precision(tiny):
   for s in range(inputs.num_steps):
     x, t, y = _step_batch(inputs, s)
     out = apply({"params": params, "quant": quant}, x, t, y)
-    assert float(jnp.max(jnp.abs(out - model.apply({"params": params}, x, t, y)))) < 1e-3
+    assert float(jnp.max(jnp.abs(out - apply_fp({"params": params}, x, t, y)))) < 1e-3
   # One static scale, on its calibration examples (spread over the trajectory).
   quant = calibrate(qm, params, inputs, method="time_aware")
-  (x, t, y), = select_inputs(inputs, method="time_aware")
-  out = apply({"params": params, "quant": quant}, jnp.asarray(x), jnp.asarray(t), jnp.asarray(y))
-  assert float(jnp.max(jnp.abs(out - model.apply({"params": params}, x, t, y)))) < 1e-3
+  ((x, t, y),) = select_inputs(inputs, method="time_aware")
+  x, t, y = jnp.asarray(x), jnp.asarray(t), jnp.asarray(y)
+  out = apply({"params": params, "quant": quant}, x, t, y)
+  assert float(jnp.max(jnp.abs(out - apply_fp({"params": params}, x, t, y)))) < 1e-3
 
 
-def test_unquantized_interception_is_the_model_and_8_bits_is_close_but_not_equal(tiny, calibrated8):
+def test_unquantized_interception_is_the_model_and_8_bits_is_close_but_not_equal(
+  tiny, calibrated8, apply8, apply_fp
+):
   model, params, _, inputs, _ = tiny
   x, t, y = _step_batch(inputs, 1)
-  ref = model.apply({"params": params}, x, t, y)
+  ref = apply_fp({"params": params}, x, t, y)
   none = QuantizedModel(model, QuantConfig.wa(None, None, layer_bits=()))
-  np.testing.assert_allclose(none.apply({"params": params, "quant": {"timesteps": jnp.zeros(1)}}, x, t, y), ref, atol=2e-5)
+  np.testing.assert_allclose(
+    none.apply({"params": params, "quant": {"timesteps": jnp.zeros(1)}}, x, t, y), ref, atol=2e-5
+  )
   qm, quant = calibrated8
-  err = float(jnp.max(jnp.abs(jax.jit(qm.apply)({"params": params, "quant": quant}, x, t, y) - ref)))
+  err = float(jnp.max(jnp.abs(apply8({"params": params, "quant": quant}, x, t, y) - ref)))
   assert 1e-4 < err < 0.1 * float(jnp.max(jnp.abs(ref)))
 
 
@@ -52,7 +60,10 @@ def test_quant_collection_layout_and_split_shortcuts(tiny, calibrated8):
   # Every conv / dense layer of the parameter tree has weight scales, one row per output channel.
   kernels = [k[:-1] for k, v in traverse_util.flatten_dict(params).items() if k[-1] == "kernel"]
   for layer in kernels:
-    assert flat[layer + ("w_scale",)].shape[-1] == traverse_util.flatten_dict(params)[layer + ("kernel",)].shape[-1]
+    assert (
+      flat[layer + ("w_scale",)].shape[-1]
+      == traverse_util.flatten_dict(params)[layer + ("kernel",)].shape[-1]
+    )
   # One level of 8 channels: the up block's ResNets read concat([h, skip]) with h from the mid block (8),
   # then from its own first ResNet (8). Only the 1x1 shortcuts, which read the raw concatenation, split
   # (conv1 reads it after GroupNorm).

@@ -64,7 +64,7 @@ def test_weight_scales_per_output_channel():
   for bits in (4, 8):
     s_mm, s_se = weight_scales(w, bits, search=False), weight_scales(w, bits, search=True)
     assert np.all(np.asarray(s_se) <= np.asarray(s_mm) + 1e-9)
-    err = lambda s, b=bits: np.mean(np.abs(np.asarray(fake_quant_weight(w, s, b) - w)) ** 2.4, axis=0)  # noqa: E731
+    err = lambda s, b=bits: np.mean(np.abs(np.asarray(fake_quant_weight(w, s, b) - w)) ** 2.4, axis=0)
     assert np.all(err(s_se) <= err(s_mm) + 1e-9)
   q = fake_quant_weight(w, s_mm, 4)
   levels = np.asarray(q) / np.asarray(s_mm)
@@ -94,7 +94,9 @@ def test_activation_range_closed_form():
 def test_activation_range_search_beats_min_max_and_uses_sample_weights():
   rng = np.random.default_rng(1)
   v = rng.laplace(size=4000).astype(np.float32)
-  err = lambda s, z: float(np.mean(np.abs(np.asarray(fake_quant(v, scale=s, zero_point=z, q_min=0, q_max=15)) - v) ** 2.4))  # noqa: E731
+  err = lambda s, z: float(
+    np.mean(np.abs(np.asarray(fake_quant(v, scale=s, zero_point=z, q_min=0, q_max=15)) - v) ** 2.4)
+  )
   mm = activation_range(v, lo=v.min(), hi=v.max(), bits=4, search=False)
   se = activation_range(v, lo=v.min(), hi=v.max(), bits=4, search=True)
   assert err(*se) < 0.8 * err(*mm)
@@ -108,7 +110,9 @@ def test_activation_range_search_beats_min_max_and_uses_sample_weights():
   s16, _ = activation_range(v2, weights=w2, lo=v2.min(), hi=v2.max(), bits=16)
   np.testing.assert_allclose(s16 * 65535, v2.max() - min(v2.min(), 0), rtol=1e-5)
   # Leading axes are independent problems.
-  s, z = activation_range(np.stack([v, 2 * v]), lo=np.array([v.min(), 2 * v.min()]), hi=np.array([v.max(), 2 * v.max()]), bits=4)
+  s, z = activation_range(
+    np.stack([v, 2 * v]), lo=np.array([v.min(), 2 * v.min()]), hi=np.array([v.max(), 2 * v.max()]), bits=4
+  )
   np.testing.assert_allclose(s, [se[0], 2 * se[0]], rtol=1e-5)
   np.testing.assert_allclose(z, [se[1], se[1]])
 
