@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from diffjax.models.attention_control import AttentionControl
 from diffjax.models.embeddings import TimestepEmbedding, get_timestep_embedding
+from diffjax.models.residuals import add_control_residuals
 from diffjax.models.resnet import conv3x3, group_norm
 from diffjax.models.unet_condition_blocks import (
   CrossAttnDownBlock2D,
@@ -155,6 +156,8 @@ class UNetCondition(nn.Module):
     context_mask: jnp.ndarray | None = None,
     *,
     train: bool = False,
+    down_block_additional_residuals: Sequence[jnp.ndarray] | None = None,
+    mid_block_additional_residual: jnp.ndarray | None = None,
     attention_control: AttentionControl | None = None,
   ) -> jnp.ndarray:
     """Predicts the noise (or whatever target it was trained on).
@@ -166,6 +169,10 @@ class UNetCondition(nn.Module):
         context_mask: ``[B, S]``, nonzero for real tokens and 0 for padding (padding is not attended
             to), or ``None`` to attend to every token.
         train: Enables dropout (needs ``rngs={'dropout': key}`` when ``dropout > 0``).
+        down_block_additional_residuals: ControlNet residuals, one per skip connection and shaped like
+            it (see :mod:`diffjax.models.residuals`), or ``None``.
+        mid_block_additional_residual: ControlNet residual added to the middle block's output, or
+            ``None``.
         attention_control: ``(probs, info) -> probs`` handed to every attention layer, or ``None``
             (see :mod:`diffjax.models.attention_control`; cross-attention maps are sown into its
             ``ATTENTION_MAPS`` collection when that is mutable).
@@ -212,6 +219,12 @@ class UNetCondition(nn.Module):
     h = UNetMidBlock2DCrossAttn(
       chans[-1], num_attention_heads=heads[-1], transformer_layers=layers[-1], name="mid_block", **common
     )(h, emb, context, mask, train=train, attention_control=attention_control)
+    skips, h = add_control_residuals(
+      skips,
+      h,
+      down_block_additional_residuals=down_block_additional_residuals,
+      mid_block_additional_residual=mid_block_additional_residual,
+    )
 
     n_up = self.layers_per_block + 1
     for i, level in enumerate(reversed(range(levels))):

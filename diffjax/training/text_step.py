@@ -85,19 +85,24 @@ def make_text_train_step(
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     grad_norm = optax.tree.norm(grads)
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    new_ema = ema_update(state.ema_params, new_params, decay=ema_decay, step=state.step)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    def keep(new, old):
-      return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    def update(_):
+      updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+      new_params = optax.apply_updates(state.params, updates)
+      new_ema = ema_update(state.ema_params, new_params, decay=ema_decay, step=state.step)
+      return new_params, new_ema, new_opt_state
 
+    # A conditional, not a select between new and old values: with the state donated a select keeps the
+    # old buffers alive and XLA copies nearly every state leaf (see diffjax.training.step).
+    new_params, new_ema, new_opt_state = jax.lax.cond(
+      ok, update, lambda _: (state.params, state.ema_params, state.opt_state), None
+    )
     new_state = TrainState(
       step=state.step + 1,
-      params=keep(new_params, state.params),
-      ema_params=keep(new_ema, state.ema_params),
-      opt_state=keep(new_opt_state, state.opt_state),
+      params=new_params,
+      ema_params=new_ema,
+      opt_state=new_opt_state,
       skipped=state.skipped + (~ok).astype(jnp.int32),
     )
     return new_state, {"loss": loss, "grad_norm": grad_norm, "skipped": new_state.skipped}
