@@ -30,6 +30,7 @@ __all__ = [
   "TokenAlignment",
   "align_prompts",
   "global_alignment",
+  "map_padding",
   "refinement_alignment",
   "replacement_alignment",
   "token_scales",
@@ -216,3 +217,28 @@ def token_scales(
       raise ValueError(f"reweight word {word!r} is not a word of {prompt!r} (its words: {words})")
     out[where] = float(scale)
   return out
+
+
+def map_padding(mapper: np.ndarray, alphas: np.ndarray, *, source_length: int, edit_length: int):
+  """Also maps the padding of an unmasked context (Stable Diffusion's), as the authors' code does.
+
+  Stable Diffusion attends to every one of its 77 positions, padding included, so in the authors'
+  ``seq_aligner`` the padding positions of the edit take the source's attention too (identity after the
+  last replaced word; ``len(y) + k`` for refinements). Here padding position ``edit_length + k`` of the edit
+  takes source position ``source_length + k`` (while it is inside the row) with alpha 1.
+
+  Args:
+      mapper: ``[L, L]`` of a :class:`TokenAlignment` (not modified).
+      alphas: ``[L]`` of it (not modified).
+      source_length: Tokens of the source prompt, start and end tokens included.
+      edit_length: Tokens of the edited prompt, likewise.
+
+  Returns:
+      ``(mapper, alphas)`` copies with the padding mapped.
+  """
+  mapper, alphas = np.array(mapper, np.float32), np.array(alphas, np.float32)
+  size = mapper.shape[0]
+  for k in range(size - max(source_length, edit_length)):
+    mapper[source_length + k, edit_length + k] = 1.0
+    alphas[edit_length + k] = 1.0
+  return mapper, alphas
