@@ -99,7 +99,8 @@ def test_attention_of_the_edit_is_the_sources_in_the_imported_unet(tiny_loaded):
   control = prompt_to_prompt_control(spec=spec, step=0, num_steps=4, cross_replace=1.0, self_replace=1.0)
   before, after = [], []
   spy = lambda into: lambda probs, info: into.append((info, probs)) or probs  # noqa: E731
-  ctx = jnp.concatenate([encode_prompts(sd, params, [SOURCES[0], EDITS[0]]), encode_prompts(sd, params, ["", ""])])
+  prompts = encode_prompts(sd, params, [SOURCES[0], EDITS[0]])
+  ctx = jnp.concatenate([prompts, encode_prompts(sd, params, ["", ""])])
   z = jnp.broadcast_to(jax.random.normal(jax.random.key(1), (1, 8, 8, 4)), (4, 8, 8, 4))
   make_unet_fn(sd)(
     params, z, jnp.full((4,), 500), ctx, attention_control=chain_controls(spy(before), control, spy(after))
@@ -121,3 +122,33 @@ def test_errors(tiny_loaded, tiny_controlled, setup):
     edit(params, jax.random.key(0), SOURCES, EDITS, latents=np.zeros((1, 8, 8, 4)))
   with pytest.raises(ValueError, match="ControlNet"):
     p2p.make_prompt_to_prompt(tiny_controlled[0])
+
+
+def test_cli_sample_edit_prompt(tiny_sd, tiny_loaded, tmp_path, capsys):
+  from diffjax.cli import main
+
+  out = tmp_path / "p2p.npz"
+  argv = ["sample", "--pretrained", tiny_sd.path, "--out", str(out), "--steps", str(STEPS), "--seed", "3"]
+  for source, edit in zip(SOURCES, EDITS, strict=True):
+    argv += ["--prompt", source, "--edit-prompt", edit]
+  assert main([*argv, "--cross-replace", "0.5", "--self-replace", "0.25"]) == 0
+  with np.load(out) as data:
+    assert list(data["prompts"]) == SOURCES + EDITS
+    assert data["images"].shape == (4, 16, 16, 3) and data["images"].dtype == np.uint8
+    latents = data["latents"]
+  assert (tmp_path / "p2p.png").is_file()
+  sd, params = tiny_loaded  # the library call with the same seed
+  _, z = p2p.make_prompt_to_prompt(sd)(
+    params, jax.random.key(3), SOURCES, EDITS, num_steps=STEPS, cross_replace=0.5, self_replace=0.25
+  )
+  np.testing.assert_array_equal(latents, np.asarray(z))
+  capsys.readouterr()
+  for extra, message in (
+    (["--edit-prompt", "a dog"], "once per --prompt"),
+    (["--cross-replace", "1.5"], "--cross-replace must be in [0, 1]"),
+    (["--num", "4"], "does not combine"),
+  ):
+    assert main([*argv, *extra]) == 2
+    assert message in capsys.readouterr().err
+  assert main(["sample", "--workdir", str(tmp_path), "--edit-prompt", "a"]) == 2
+  assert "apply to --pretrained pipelines only" in capsys.readouterr().err
