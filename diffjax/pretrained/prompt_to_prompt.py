@@ -165,13 +165,14 @@ def _sample(
   return spec.decode(params["vae"], z), z
 
 
-def make_prompt_to_prompt(sd: StableDiffusion, *, self_max_tokens: int | None = None) -> Callable:
+def make_prompt_to_prompt(sd: StableDiffusion, *, self_max_tokens: int | None = 16 * 16) -> Callable:
   """Builds the prompt-to-prompt editor of an imported pipeline.
 
   Args:
       sd: The pipeline (without a ControlNet).
-      self_max_tokens: Inject self-attention only in layers with at most this many query tokens (the
-          authors use 16 x 16 = 256 at SD's 64 x 64 latents); ``None``: every layer.
+      self_max_tokens: Inject self-attention only in layers with at most this many query tokens (default
+          16 x 16 as in the authors' code, i.e. the 16 x 16 and 8 x 8 layers at SD's 64 x 64 latents);
+          ``None``: every layer.
 
   Returns:
       ``edit(params, key, sources, edits, *, num_steps=50, guidance=7.5, eta=0.0, cross_replace=0.8,
