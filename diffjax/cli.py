@@ -14,6 +14,8 @@
       [--reference-source digits|mnist_idx --reference-path P --reference-split train] [--out R.json] \
       [--workdir W]   # also the held-out NLL bound in bits/dim of the model trained in W
   python -m diffjax edit --workdir W --image IN.png --strength 0.6 [--label 3] [--mask M.png] --out S.npz
+  python -m diffjax edit --workdir W --prompt "a 3 to the left of a 5" --edit "a 3 to the left of a 8" \
+      [--cross-replace 0.8 --self-replace 0.4 --blend-words 8 --reweight WORD=SCALE] --out S.npz
 
 Bad input ends the program with one line ``error: ...`` naming what was wrong, and exit status 2.
 """

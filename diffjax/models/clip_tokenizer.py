@@ -234,6 +234,25 @@ class CLIPTokenizer:
       raise ValueError(f"prompt must be a string, got {type(prompt).__name__}: {prompt!r}")  # noqa: TRY004
     return list(self._tokenizer.encode(prompt, add_special_tokens=False).tokens)
 
+  def words(self, prompt: str) -> list[tuple[str, tuple[int, ...]]]:
+    """The words of one prompt and the positions of their tokens in its id row (start token at 0).
+
+    Words are CLIP's pre-tokenized pieces (letter runs, single digits, punctuation runs), e.g.
+    ``words("a red fox")`` is ``[("a", (1,)), ("red", (2,)), ("fox", (3,))]`` when each is one BPE token.
+    Used by prompt-to-prompt's token alignment (:mod:`diffjax.editing.token_alignment`).
+    """
+    if not isinstance(prompt, str):
+      raise ValueError(f"prompt must be a string, got {type(prompt).__name__}: {prompt!r}")  # noqa: TRY004
+    enc = self._tokenizer.encode(prompt, add_special_tokens=False)
+    positions: dict[int, list[int]] = {}
+    for pos, word in enumerate(enc.word_ids):
+      if word is not None:
+        positions.setdefault(word, []).append(pos + 1)
+    return [
+      (prompt[enc.offsets[p[0] - 1][0] : enc.offsets[p[-1] - 1][1]], tuple(p))
+      for _, p in sorted(positions.items())
+    ]
+
   def encode(
     self, prompts: Sequence[str], *, max_length: int | None = None, truncate: bool = True
   ) -> tuple[np.ndarray, np.ndarray]:

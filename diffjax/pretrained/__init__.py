@@ -6,6 +6,7 @@
   equal to diffusers' ``DDIMScheduler``.
 * :mod:`~diffjax.pretrained.pipeline`: jitted text-to-image and SDEdit img2img with classifier-free guidance.
 * :mod:`~diffjax.pretrained.controlnet`: ``ControlNetModel`` folders and the controlled denoiser.
+* :mod:`~diffjax.pretrained.prompt_to_prompt`: prompt-to-prompt editing (Hertz et al. 2022) of the pipeline.
 * :mod:`~diffjax.pretrained.export`: diffjax models written in the same format (diffusers opens them).
 
 Command line: ``python -m diffjax sample --pretrained DIR --prompt ...`` (:mod:`diffjax.cli_pretrained`).
@@ -28,6 +29,7 @@ from diffjax.pretrained.pipeline import (
   make_unet_fn,
   pipeline_params,
 )
+from diffjax.pretrained.prompt_to_prompt import make_prompt_to_prompt
 from diffjax.pretrained.scheduler import SchedulerConfig, scheduler_from_config
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
   "load_unet2d",
   "load_vae",
   "make_image_to_image",
+  "make_prompt_to_prompt",
   "make_text_to_image",
   "make_unet_fn",
   "pipeline_params",
