@@ -15,7 +15,7 @@ import optax
 
 from diffjax import diffusion
 from diffjax.schedules import Schedule
-from diffjax.training.controlnet_step import apply_update
+from diffjax.training.state import apply_update
 from diffjax.training.state import TrainState
 
 __all__ = ["make_classifier_train_step"]

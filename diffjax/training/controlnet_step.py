@@ -22,36 +22,9 @@ from diffjax.control import control_cond, make_controlled_model_fn
 from diffjax.guidance import drop_labels
 from diffjax.losses import diffusion_loss
 from diffjax.schedules import Schedule
-from diffjax.training.state import TrainState, ema_update
+from diffjax.training.state import TrainState, apply_update
 
-__all__ = ["apply_update", "make_controlnet_train_step"]
-
-
-def apply_update(state: TrainState, grads, loss, *, tx: optax.GradientTransformation, ema_decay: float):
-  """Applies ``grads`` (skipping the update when the loss or gradient norm is not finite).
-
-  Returns:
-      ``(new_state, grad_norm)``.
-  """
-  grad_norm = optax.tree.norm(grads)
-  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-  def update(_):
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    return new_params, ema_update(state.ema_params, new_params, decay=ema_decay, step=state.step), new_opt
-
-  params, ema, opt = jax.lax.cond(
-    ok, update, lambda _: (state.params, state.ema_params, state.opt_state), None
-  )
-  new_state = TrainState(
-    step=state.step + 1,
-    params=params,
-    ema_params=ema,
-    opt_state=opt,
-    skipped=state.skipped + (~ok).astype(jnp.int32),
-  )
-  return new_state, grad_norm
+__all__ = ["make_controlnet_train_step"]
 
 
 def make_controlnet_train_step(
