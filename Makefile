@@ -25,7 +25,7 @@ demo: install
 	@echo "sample grid (one column per class 0..9): $(WORKDIR)/samples_ddim50_w2.png"
 
 test: install-test
-	$(BIN)/python -m pytest tests --durations=15
+	$(BIN)/python -m pytest tests -n 2 --dist loadscope --durations=25
 
 clean:
 	rm -rf $(VENV) runs

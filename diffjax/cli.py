@@ -5,6 +5,8 @@
       [--labels 3,3,7] --out S.npz
   python -m diffjax sample --workdir W --prompt "a 3 to the left of a 5" [--prompt ...] --guidance 4 \
       --out S.npz   # text-to-image workdirs (python -m diffjax.training.text_main)
+  python -m diffjax sample --pretrained DIR --prompt "..." --steps 25 --guidance 7.5 --out S.npz \
+      [--image IN.png --strength 0.6] [--controlnet C --control-image C.png]   # diffusers SD pipelines
   python -m diffjax distill --config configs/digits_distill.py[:smoke] --teacher T --workdir W \
       [--config.key=value ...]   # progressive / guided distillation of the model trained in T
   python -m diffjax train-judge --source digits|mnist_idx [--path P] --out J.safetensors
@@ -12,6 +14,8 @@
       [--reference-source digits|mnist_idx --reference-path P --reference-split train] [--out R.json] \
       [--workdir W]   # also the held-out NLL bound in bits/dim of the model trained in W
   python -m diffjax edit --workdir W --image IN.png --strength 0.6 [--label 3] [--mask M.png] --out S.npz
+  python -m diffjax edit --workdir W --prompt "a 3 to the left of a 5" --edit "a 3 to the left of a 8" \
+      [--cross-replace 0.8 --self-replace 0.4 --blend-words 8 --reweight WORD=SCALE] --out S.npz
 
 Bad input ends the program with one line ``error: ...`` naming what was wrong, and exit status 2.
 """
@@ -24,7 +28,14 @@ import sys
 
 import numpy as np
 
+from diffjax.cli_control import CONTROL_COMMANDS, add_control_parsers, cmd_control
 from diffjax.cli_edit import add_edit_parser, cmd_edit
+from diffjax.cli_pretrained import (
+  DEFAULT_GUIDANCE,
+  add_pretrained_arguments,
+  cmd_sample_pretrained,
+  reject_pretrained_only,
+)
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -91,6 +102,13 @@ def cmd_sample(args) -> int:
   from diffjax.training.restore import load_trained
   from diffjax.training.workdir import read_config
 
+  if args.guidance is None:
+    args.guidance = DEFAULT_GUIDANCE if args.pretrained else 1.0
+  if args.pretrained:
+    return cmd_sample_pretrained(args)
+  if not args.workdir:
+    raise ValueError("sample needs --workdir W (a diffjax run) or --pretrained DIR (a diffusers pipeline)")
+  reject_pretrained_only(args)
   if args.num is not None and args.num < 1:
     raise ValueError(f"--num must be >= 1, got {args.num}")
   config = read_config(args.workdir)
@@ -331,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--config", required=True, help="configs/NAME.py[:variant]")
   t.add_argument("--workdir", required=True)
   t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-  s = sub.add_parser("sample", help="sample from a trained work directory")
-  s.add_argument("--workdir", required=True)
+  s = sub.add_parser("sample", help="sample from a trained work directory or a diffusers pipeline")
+  s.add_argument("--workdir", default=None)
   s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm_solver++"])
   s.add_argument("--steps", type=int, default=50, help="DDIM / DPM-Solver++ steps (1..T)")
   s.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]")
@@ -342,7 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     choices=["uniform", "quadratic", "trailing"],
     help="timestep subset (default: uniform for ddim, trailing for dpm_solver++)",
   )
-  s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+  s.add_argument(
+    "--guidance",
+    type=float,
+    default=None,
+    help="classifier-free guidance scale (default 1 = none; 7.5 for --pretrained)",
+  )
   s.add_argument("--num", type=int, default=None, help="number of images")
   s.add_argument("--labels", default=None, help="comma-separated class labels, repeated to --num")
   s.add_argument(
@@ -355,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--checkpoint-step", type=int, default=None)
   s.add_argument("--raw-params", action="store_true", help="use raw instead of EMA parameters")
   s.add_argument("--out", default=None, help="output .npz (a .png grid is written beside it)")
+  add_pretrained_arguments(s)
   dd = sub.add_parser("distill", help="progressive or guided distillation of a trained model, stage by stage")
   dd.add_argument("--config", required=True, help="configs/digits_distill.py[:variant]")
   dd.add_argument("--teacher", required=True, help="work directory of the trained teacher")
@@ -395,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
   )
   e.add_argument("--seed", type=int, default=0, help="noise seed of the likelihood bound")
   add_edit_parser(sub)
+  add_control_parsers(sub)
   return p
 
 
@@ -407,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
       return cmd_train(args, overrides)
     if args.command == "distill":
       return cmd_distill(args, overrides)
+    if args.command in CONTROL_COMMANDS:
+      return cmd_control(args, overrides)
     if overrides:
       raise ValueError(f"--config.* overrides only apply to `train` and `distill`, got {sorted(overrides)}")
     if args.command == "train-judge":

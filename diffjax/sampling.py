@@ -31,6 +31,7 @@ def make_generate(
   spacing: str | None = None,
   variance: str = "small",
   clip_x0: float | None = 1.0,
+  model_fn: Callable | None = None,
 ) -> Callable:
   """Builds a jitted ``generate(params, key, labels, num_steps, guidance, eta) -> [B, H, W, C]``.
 
@@ -45,6 +46,9 @@ def make_generate(
       for DDIM and "trailing" for DPM-Solver++ (which is poor on "uniform", whose last steps reach t = 0).
     variance: DDPM reverse variance, "small" or "large".
     clip_x0: clip of the predicted clean image at every step (None: no clipping, as DDIM's own code).
+    model_fn: replaces ``model.apply`` as ``model_fn(params, x_t, t, cond)`` (e.g. a fake-quantized
+      model's, :mod:`diffjax.quantization`, whose ``params`` are its variables); ``model`` still gives the
+      class count.
 
   The returned function takes labels ``[B]`` int (ignored for an unconditional model, whose batch
   size it still sets) and a guidance scale (scalar or ``[B]``); w = 1 means no guidance.
@@ -53,7 +57,7 @@ def make_generate(
     raise ValueError(f"sampler={sampler!r} is not one of {SAMPLERS}")
   if spacing is None:
     spacing = "trailing" if sampler == "dpm_solver++" else "uniform"
-  base = make_model_fn(model, train=False)
+  base = make_model_fn(model, train=False) if model_fn is None else model_fn
   conditional = getattr(model, "num_classes", None) is not None
 
   @jax.jit

@@ -59,7 +59,8 @@ def make_text_generate(
       ``[-1, 1]``.
 
   Raises:
-      ValueError: On an unknown sampler (at build time) or bad ``num_steps`` / ``cond`` (at call time).
+      ValueError: On an unknown sampler (at build time) or bad ``num_steps`` / ``cond`` (wrong shapes, an
+          empty batch; at call time).
   """
   if sampler not in SAMPLERS:
     raise ValueError(f"sampler={sampler!r} is not one of {SAMPLERS}")
@@ -98,6 +99,8 @@ def make_text_generate(
         f"cond must be (tokens [B, L, ...], mask [B, L]) with L={null_cond[1].shape[1]}, got "
         f"{tokens.shape} and {mask.shape}"
       )
+    if tokens.shape[0] < 1:
+      raise ValueError("cond holds an empty batch of prompts: need at least one (B >= 1)")
     if sampler != "ddpm":
       check_num_steps(num_steps, schedule.num_timesteps)
     return generate(

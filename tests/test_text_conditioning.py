@@ -18,9 +18,19 @@ def minilm():
   return PromptEncoder.build(kind="minilm", max_length=12)
 
 
+def _key(seed):
+  # unsafe_rbg: the initialisation (one generator per parameter) compiles several times faster on CPU.
+  return jax.random.key(seed, impl="unsafe_rbg")
+
+
 def _unet():
   return UNetCondition(
-    in_channels=1, out_channels=1, block_out_channels=(8, 16), num_attention_heads=2, norm_num_groups=4
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(8,),
+    cross_attention_levels=(True,),
+    num_attention_heads=2,
+    norm_num_groups=4,
   )
 
 
@@ -28,7 +38,7 @@ def _unet():
 def frozen_model(minilm):
   unet = _unet()
   ctx, mask = minilm.encode(["a 3 to the left of a 5", "an eight on the right"])
-  params = unet.init(jax.random.key(0), jnp.zeros((2, 8, 16, 1)), jnp.zeros(2), ctx, mask)["params"]
+  params = jax.jit(unet.init)(_key(0), jnp.zeros((2, 8, 16, 1)), jnp.zeros(2), ctx, mask)["params"]
   return make_text_model_fn(unet), params, (ctx, mask)
 
 
@@ -49,12 +59,21 @@ def test_null_prompt_is_the_unconditional_branch(minilm, frozen_model):
   x = jax.random.normal(jax.random.key(1), (2, 8, 16, 1))
   t = jnp.array([10, 700])
   null_b = tuple(jnp.repeat(n, 2, axis=0) for n in null)
-  uncond = model_fn(params, x, t, null_b)
-  cond_out = model_fn(params, x, t, cond)
+  uncond, cond_out = jax.jit(model_fn)(params, jnp.tile(x, (2, 1, 1, 1)), jnp.tile(t, 2), _cat(null_b, cond)).reshape(
+    2, *x.shape
+  )
   assert float(jnp.max(jnp.abs(uncond - cond_out))) > 1e-4  # the prompt matters
+
+  @jax.jit
+  def guided(w):
+    return classifier_free_guidance(model_fn, guidance_scale=w, null_cond=null_b)(params, x, t, cond)
+
   for w, want in ((0.0, uncond), (1.0, cond_out), (4.0, uncond + 4.0 * (cond_out - uncond))):
-    guided = classifier_free_guidance(model_fn, guidance_scale=w, null_cond=null_b)
-    np.testing.assert_allclose(guided(params, x, t, cond), want, atol=1e-4)
+    np.testing.assert_allclose(guided(w), want, atol=1e-4)
+
+
+def _cat(a, b):
+  return tuple(jnp.concatenate([u, v]) for u, v in zip(a, b, strict=True))
 
 
 def test_drop_condition():
@@ -73,7 +92,7 @@ def test_trainable_encoder_gets_gradients():
   prompts = PromptEncoder.build(
     kind="small",
     max_length=12,
-    key=jax.random.key(0),
+    key=_key(0),
     num_layers=1,
     hidden_size=32,
     num_heads=2,
@@ -85,12 +104,12 @@ def test_trainable_encoder_gets_gradients():
   unet = _unet()
   ctx = jnp.zeros((2, 12, 32))
   params = {
-    "unet": unet.init(jax.random.key(1), jnp.zeros((2, 8, 16, 1)), jnp.zeros(2), ctx, mask)["params"],
+    "unet": jax.jit(unet.init)(_key(1), jnp.zeros((2, 8, 16, 1)), jnp.zeros(2), ctx, mask)["params"],
     "text_encoder": prompts.params,
   }
   model_fn = make_text_model_fn(unet, text_module=prompts.module)
   x = jnp.ones((2, 8, 16, 1))
-  grads = jax.grad(lambda p: jnp.sum(model_fn(p, x, jnp.array([5, 9]), (ids, mask)) ** 2))(params)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(model_fn(p, x, jnp.array([5, 9]), (ids, mask)) ** 2)))(params)
   norm = sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(grads["text_encoder"]))
   assert norm > 0
 
@@ -110,3 +129,9 @@ def test_make_text_generate(minilm, frozen_model):
     generate(params, jax.random.key(0), cond, num_steps=0)
   with pytest.raises(ValueError, match="cond must be"):
     generate(params, jax.random.key(0), (cond[0], cond[1][:, :5]))
+  with pytest.raises(ValueError, match="empty batch"):
+    generate(params, jax.random.key(0), (cond[0][:0], cond[1][:0]))
+  with pytest.raises(ValueError, match="prompts is empty"):
+    minilm.encode([])
+  with pytest.raises(ValueError, match="tokens long"):
+    minilm.encode(["a 3 to the left of a 5 and a 7 to the right of a 9 and a 4"])

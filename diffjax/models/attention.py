@@ -134,7 +134,16 @@ class AttentionBlock(nn.Module):
     def split(t: jnp.ndarray) -> jnp.ndarray:
       return t.reshape(b, h * w, heads, self.attention_head_dim)
 
-    attend = self.attention_fn or resolve_attention_fn(self.attention_impl)
-    out = attend(split(q), split(k), split(v)).reshape(b, h * w, c)
+    out = self.attend(split(q), split(k), split(v)).reshape(b, h * w, c)
     out = nn.Dense(c, dtype=self.dtype, name="to_out_0")(out)
     return x + out.reshape(b, h, w, c).astype(x.dtype)
+
+  def attend(self, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+    """The attention core on ``[B, L, heads, d]`` queries, keys and values (no parameters).
+
+    A method of its own so that method interception (``nn.intercept_methods``) can see and replace
+    the ``q k^T`` and ``p v`` products, e.g. with fake-quantized ones
+    (:mod:`diffjax.quantization.fake_quant`).
+    """
+    attend = self.attention_fn or resolve_attention_fn(self.attention_impl)
+    return attend(q, k, v)

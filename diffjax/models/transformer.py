@@ -24,18 +24,55 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffjax.models.attention_control import ATTENTION_MAPS, AttentionControl, AttentionInfo, apply_control
+
 __all__ = [
   "GEGLU",
   "Attention",
   "BasicTransformerBlock",
   "FeedForward",
   "Transformer2DModel",
+  "attend",
+  "attention_probs",
   "masked_attention",
   "sincos_position_embedding_2d",
 ]
 
 # diffusers: the Transformer2DModel GroupNorm uses eps 1e-6; the block LayerNorms use 1e-5.
 TRANSFORMER_GROUP_NORM_EPS = 1e-6
+
+
+def attention_probs(q: jnp.ndarray, k: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
+  """Multi-head attention probabilities ``softmax(q k^T / sqrt(d))`` with optional key padding mask.
+
+  Logits and softmax are float32 (diffusers ``upcast_softmax``).
+
+  Args:
+      q: ``[B, L, heads, d]`` queries.
+      k: ``[B, S, heads, d]`` keys.
+      mask: ``[B, S]``, nonzero for keys to attend to and 0 for padding, or ``None`` (attend to all).
+          Every row must keep at least one key.
+
+  Returns:
+      float32 ``[B, heads, L, S]``, summing to 1 over ``S``.
+
+  Raises:
+      ValueError: If the shapes disagree.
+  """
+  if q.ndim != 4 or k.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+    raise ValueError(f"q, k must be [B, L, heads, d] with matching B, heads, d; got {q.shape}, {k.shape}")
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("blhd,bshd->bhls", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+  if mask is not None:
+    if mask.shape != (k.shape[0], k.shape[1]):
+      raise ValueError(f"mask must be [B, S] = {k.shape[:2]}, got {mask.shape}")
+    logits = jnp.where(mask[:, None, None, :] != 0, logits, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def attend(probs: jnp.ndarray, v: jnp.ndarray, dtype: jnp.dtype) -> jnp.ndarray:
+  """Per-head ``probs @ v``: ``[B, heads, L, S]`` and ``[B, S, heads, d]`` to ``[B, L, heads, d]`` (``dtype``)."""
+  return jnp.einsum("bhls,bshd->blhd", probs, v.astype(jnp.float32)).astype(dtype)
 
 
 def masked_attention(
@@ -58,18 +95,9 @@ def masked_attention(
   Raises:
       ValueError: If the shapes disagree.
   """
-  if (
-    q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]
-  ):
+  if k.shape != v.shape:
     raise ValueError(f"q, k, v must be [B, L, heads, d] with matching B, heads, d; got {q.shape}, {k.shape}")
-  scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("blhd,bshd->bhls", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-  if mask is not None:
-    if mask.shape != (k.shape[0], k.shape[1]):
-      raise ValueError(f"mask must be [B, S] = {k.shape[:2]}, got {mask.shape}")
-    logits = jnp.where(mask[:, None, None, :] != 0, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1)
-  return jnp.einsum("bhls,bshd->blhd", weights, v.astype(jnp.float32)).astype(q.dtype)
+  return attend(attention_probs(q, k, mask), v, q.dtype)
 
 
 def sincos_position_embedding_2d(height: int, width: int, dim: int) -> jnp.ndarray:
@@ -106,6 +134,10 @@ def sincos_position_embedding_2d(height: int, width: int, dim: int) -> jnp.ndarr
 class Attention(nn.Module):
   """Multi-head attention of ``x`` to itself or to a context (diffusers ``Attention``, no biases on q/k/v).
 
+  Cross-attention probabilities are sown into :data:`~diffjax.models.attention_control.ATTENTION_MAPS`
+  (kept only when the caller makes that collection mutable), and ``attention_control`` may rewrite the
+  probabilities of any layer (see :mod:`diffjax.models.attention_control`).
+
   Attributes:
       heads: Number of heads.
       dim_head: Channels per head; the inner width is ``heads * dim_head``.
@@ -126,6 +158,8 @@ class Attention(nn.Module):
     mask: jnp.ndarray | None = None,
     *,
     train: bool = False,
+    attention_control: AttentionControl | None = None,
+    spatial_shape: tuple[int, int] | None = None,
   ) -> jnp.ndarray:
     """Attends.
 
@@ -134,6 +168,9 @@ class Attention(nn.Module):
         context: ``[B, S, D]`` key/value tokens; ``None`` for self-attention.
         mask: ``[B, S]`` key padding mask (nonzero = keep) or ``None``.
         train: Enables dropout.
+        attention_control: ``(probs [B, heads, L, S], AttentionInfo) -> probs`` or ``None``.
+        spatial_shape: ``(H, W)`` with ``H * W = L`` when the tokens are a feature map (recorded maps
+            are then ``[B, heads, H, W, S]``), else ``None``.
 
     Returns:
         ``[B, L, C]``.
@@ -146,7 +183,15 @@ class Attention(nn.Module):
       out = nn.Dense(inner, use_bias=False, dtype=self.dtype, name=name)(tokens)
       return out.reshape(b, tokens.shape[1], self.heads, self.dim_head)
 
-    out = masked_attention(proj("to_q", x), proj("to_k", source), proj("to_v", source), mask)
+    q, k, v = proj("to_q", x), proj("to_k", source), proj("to_v", source)
+    probs = attention_probs(q, k, mask)
+    if context is not None and not self.is_initializing():
+      hw = (b, self.heads, *spatial_shape, probs.shape[-1]) if spatial_shape else probs.shape
+      self.sow(ATTENTION_MAPS, "probs", probs.reshape(hw))
+    if attention_control is not None:
+      info = AttentionInfo("/".join(self.scope.path), context is not None, spatial_shape)
+      probs = apply_control(attention_control, probs, info)
+    out = attend(probs, v, q.dtype)
     out = nn.Dense(c, dtype=self.dtype, name="to_out_0")(out.reshape(b, length, inner))
     return nn.Dropout(self.dropout, deterministic=not train)(out)
 
@@ -209,7 +254,14 @@ class BasicTransformerBlock(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x: jnp.ndarray, context: jnp.ndarray, mask: jnp.ndarray | None = None, *, train: bool = False
+    self,
+    x: jnp.ndarray,
+    context: jnp.ndarray,
+    mask: jnp.ndarray | None = None,
+    *,
+    train: bool = False,
+    attention_control: AttentionControl | None = None,
+    spatial_shape: tuple[int, int] | None = None,
   ) -> jnp.ndarray:
     """Applies the block.
 
@@ -218,6 +270,8 @@ class BasicTransformerBlock(nn.Module):
         context: ``[B, S, D]`` context tokens (e.g. text encoder hidden states).
         mask: ``[B, S]`` context padding mask (nonzero = real token) or ``None``.
         train: Enables dropout.
+        attention_control: Passed to both attention layers (see :class:`Attention`).
+        spatial_shape: ``(H, W)`` of the tokens, passed to both attention layers.
 
     Returns:
         ``[B, L, C]``.
@@ -227,8 +281,9 @@ class BasicTransformerBlock(nn.Module):
       return nn.LayerNorm(epsilon=self.norm_eps, use_fast_variance=False, dtype=self.dtype, name=name)
 
     attn = {"heads": self.heads, "dim_head": self.dim_head, "dropout": self.dropout, "dtype": self.dtype}
-    x = x + Attention(**attn, name="attn1")(norm("norm1")(x), train=train)
-    x = x + Attention(**attn, name="attn2")(norm("norm2")(x), context, mask, train=train)
+    ctl = {"attention_control": attention_control, "spatial_shape": spatial_shape}
+    x = x + Attention(**attn, name="attn1")(norm("norm1")(x), train=train, **ctl)
+    x = x + Attention(**attn, name="attn2")(norm("norm2")(x), context, mask, train=train, **ctl)
     ff = FeedForward(dropout=self.dropout, dtype=self.dtype, name="ff")
     return x + ff(norm("norm3")(x), train=train)
 
@@ -263,7 +318,13 @@ class Transformer2DModel(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x: jnp.ndarray, context: jnp.ndarray, mask: jnp.ndarray | None = None, *, train: bool = False
+    self,
+    x: jnp.ndarray,
+    context: jnp.ndarray,
+    mask: jnp.ndarray | None = None,
+    *,
+    train: bool = False,
+    attention_control: AttentionControl | None = None,
   ) -> jnp.ndarray:
     """Applies the spatial transformer.
 
@@ -272,6 +333,7 @@ class Transformer2DModel(nn.Module):
         context: ``[B, S, D]`` context tokens.
         mask: ``[B, S]`` context padding mask or ``None``.
         train: Enables dropout.
+        attention_control: Passed to every attention layer (see :class:`Attention`).
 
     Returns:
         ``[B, H, W, C]``.
@@ -298,7 +360,7 @@ class Transformer2DModel(nn.Module):
         dropout=self.dropout,
         dtype=self.dtype,
         name=f"transformer_blocks_{i}",
-      )(tokens, context, mask, train=train)
+      )(tokens, context, mask, train=train, attention_control=attention_control, spatial_shape=(h, w))
     if self.use_linear_projection:
       out = nn.Dense(c, dtype=self.dtype, name="proj_out")(tokens).reshape(b, h, w, c)
     else:

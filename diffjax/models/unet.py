@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from diffjax.models.embeddings import TimestepEmbedding, get_timestep_embedding
 from diffjax.models.guidance_embedding import GuidanceEmbedding
+from diffjax.models.residuals import add_control_residuals
 from diffjax.models.resnet import conv3x3, group_norm
 from diffjax.models.unet_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D
 
@@ -182,6 +183,8 @@ class UNet(nn.Module):
     *,
     train: bool = False,
     guidance: jnp.ndarray | None = None,
+    down_block_additional_residuals: Sequence[jnp.ndarray] | None = None,
+    mid_block_additional_residual: jnp.ndarray | None = None,
   ) -> jnp.ndarray:
     """Predicts the noise (or whatever target it was trained on).
 
@@ -197,6 +200,10 @@ class UNet(nn.Module):
             ``dropout > 0``).
         guidance: ``[B]`` float guidance weights w, required by (and only accepted by) a model
             with ``guidance_embedding=True``.
+        down_block_additional_residuals: ControlNet residuals, one per skip connection and shaped like
+            it (see :mod:`diffjax.models.residuals`), or ``None``.
+        mid_block_additional_residual: ControlNet residual added to the middle block's output, or
+            ``None``.
 
     Returns:
         ``[B, H, W, out_channels]`` in ``dtype``.
@@ -259,6 +266,12 @@ class UNet(nn.Module):
 
     # 4. Bottleneck.
     h = UNetMidBlock2D(name="mid_block", **common)(h, emb, train=train)
+    skips, h = add_control_residuals(
+      skips,
+      h,
+      down_block_additional_residuals=down_block_additional_residuals,
+      mid_block_additional_residual=mid_block_additional_residual,
+    )
 
     # 5. Up path over reversed levels; each block pops layers_per_block + 1 skips.
     n_up = self.layers_per_block + 1

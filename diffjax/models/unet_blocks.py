@@ -246,10 +246,18 @@ class UpBlock2D(_BlockLayers, nn.Module):
           f"{x.shape[1:3]} but the skip connection has {skip.shape[1:3]}; the "
           "input height and width must be divisible by 2**(levels-1)"
         )
-      x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
+      x = self.concat_skip(x, skip)
       x = self._resnet(self.out_channels, f"resnets_{i}")(x, temb, train)
       if self.add_attention:
         x = self._attention(f"attentions_{i}")(x)
     if self.add_upsample:
       x = Upsample2D(self.out_channels, dtype=self.dtype, conv_impl=self.conv_impl, name="upsamplers_0")(x)
     return x
+
+  def concat_skip(self, x: jnp.ndarray, skip: jnp.ndarray) -> jnp.ndarray:
+    """``concat([x, skip], -1)``: ``[B, H, W, C_x + C_skip]`` (no parameters).
+
+    A method of its own so that method interception can see where the two differently-ranged halves
+    meet, e.g. for Q-Diffusion's split shortcut quantization (:mod:`diffjax.quantization.fake_quant`).
+    """
+    return jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)

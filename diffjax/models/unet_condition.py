@@ -23,7 +23,9 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffjax.models.attention_control import AttentionControl
 from diffjax.models.embeddings import TimestepEmbedding, get_timestep_embedding
+from diffjax.models.residuals import add_control_residuals
 from diffjax.models.resnet import conv3x3, group_norm
 from diffjax.models.unet_condition_blocks import (
   CrossAttnDownBlock2D,
@@ -154,6 +156,9 @@ class UNetCondition(nn.Module):
     context_mask: jnp.ndarray | None = None,
     *,
     train: bool = False,
+    down_block_additional_residuals: Sequence[jnp.ndarray] | None = None,
+    mid_block_additional_residual: jnp.ndarray | None = None,
+    attention_control: AttentionControl | None = None,
   ) -> jnp.ndarray:
     """Predicts the noise (or whatever target it was trained on).
 
@@ -164,6 +169,13 @@ class UNetCondition(nn.Module):
         context_mask: ``[B, S]``, nonzero for real tokens and 0 for padding (padding is not attended
             to), or ``None`` to attend to every token.
         train: Enables dropout (needs ``rngs={'dropout': key}`` when ``dropout > 0``).
+        down_block_additional_residuals: ControlNet residuals, one per skip connection and shaped like
+            it (see :mod:`diffjax.models.residuals`), or ``None``.
+        mid_block_additional_residual: ControlNet residual added to the middle block's output, or
+            ``None``.
+        attention_control: ``(probs, info) -> probs`` handed to every attention layer, or ``None``
+            (see :mod:`diffjax.models.attention_control`; cross-attention maps are sown into its
+            ``ATTENTION_MAPS`` collection when that is mutable).
 
     Returns:
         ``[B, H, W, out_channels]`` in ``dtype``.
@@ -201,12 +213,18 @@ class UNetCondition(nn.Module):
         add_downsample=i < levels - 1,
         name=f"down_blocks_{i}",
         **common,
-      )(h, emb, context, mask, train=train)
+      )(h, emb, context, mask, train=train, attention_control=attention_control)
       skips.extend(res)
 
     h = UNetMidBlock2DCrossAttn(
       chans[-1], num_attention_heads=heads[-1], transformer_layers=layers[-1], name="mid_block", **common
-    )(h, emb, context, mask, train=train)
+    )(h, emb, context, mask, train=train, attention_control=attention_control)
+    skips, h = add_control_residuals(
+      skips,
+      h,
+      down_block_additional_residuals=down_block_additional_residuals,
+      mid_block_additional_residual=mid_block_additional_residual,
+    )
 
     n_up = self.layers_per_block + 1
     for i, level in enumerate(reversed(range(levels))):
@@ -220,7 +238,7 @@ class UNetCondition(nn.Module):
         add_upsample=i < levels - 1,
         name=f"up_blocks_{i}",
         **common,
-      )(h, block_skips, emb, context, mask, train=train)
+      )(h, block_skips, emb, context, mask, train=train, attention_control=attention_control)
 
     h = nn.silu(group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "conv_norm_out")(h))
     return conv3x3(self.out_channels, self.dtype, "conv_out")(h)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffjax.models.attention_control import AttentionControl
 from diffjax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffjax.models.transformer import Transformer2DModel
 
@@ -96,6 +97,7 @@ class CrossAttnDownBlock2D(_BlockConfig):
     mask: jnp.ndarray | None = None,
     *,
     train: bool = False,
+    attention_control: AttentionControl | None = None,
   ) -> tuple[jnp.ndarray, tuple[jnp.ndarray, ...]]:
     """Applies the block.
 
@@ -105,6 +107,8 @@ class CrossAttnDownBlock2D(_BlockConfig):
         context: ``[B, S, D]`` context tokens.
         mask: ``[B, S]`` context padding mask or ``None``.
         train: Enables dropout.
+        attention_control: Passed to every attention layer (see
+            :mod:`diffjax.models.attention_control`).
 
     Returns:
         ``(y, skips)``: ``y`` is ``[B, H', W', out_channels]`` (halved when downsampling); ``skips`` the
@@ -114,7 +118,9 @@ class CrossAttnDownBlock2D(_BlockConfig):
     for i in range(self.num_layers):
       x = self._resnet(f"resnets_{i}")(x, temb, train=train)
       if self.add_cross_attention:
-        x = self._transformer(f"attentions_{i}")(x, context, mask, train=train)
+        x = self._transformer(f"attentions_{i}")(
+          x, context, mask, train=train, attention_control=attention_control
+        )
       skips.append(x)
     if self.add_downsample:
       x = Downsample2D(self.out_channels, dtype=self.dtype, name="downsamplers_0")(x)
@@ -137,11 +143,14 @@ class UNetMidBlock2DCrossAttn(_BlockConfig):
     mask: jnp.ndarray | None = None,
     *,
     train: bool = False,
+    attention_control: AttentionControl | None = None,
   ) -> jnp.ndarray:
     """Maps ``[B, H, W, C]`` to ``[B, H, W, C]`` (arguments as in :class:`CrossAttnDownBlock2D`)."""
     x = self._resnet("resnets_0")(x, temb, train=train)
     for i in range(self.num_layers):
-      x = self._transformer(f"attentions_{i}")(x, context, mask, train=train)
+      x = self._transformer(f"attentions_{i}")(
+        x, context, mask, train=train, attention_control=attention_control
+      )
       x = self._resnet(f"resnets_{i + 1}")(x, temb, train=train)
     return x
 
@@ -165,6 +174,7 @@ class CrossAttnUpBlock2D(_BlockConfig):
     mask: jnp.ndarray | None = None,
     *,
     train: bool = False,
+    attention_control: AttentionControl | None = None,
   ) -> jnp.ndarray:
     """Applies the block.
 
@@ -175,6 +185,7 @@ class CrossAttnUpBlock2D(_BlockConfig):
         context: ``[B, S, D]``.
         mask: ``[B, S]`` or ``None``.
         train: Enables dropout.
+        attention_control: As in :class:`CrossAttnDownBlock2D`.
 
     Returns:
         ``[B, H, W, out_channels]``, or ``[B, 2H, 2W, out_channels]`` when upsampling.
@@ -195,7 +206,9 @@ class CrossAttnUpBlock2D(_BlockConfig):
       x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
       x = self._resnet(f"resnets_{i}")(x, temb, train=train)
       if self.add_cross_attention:
-        x = self._transformer(f"attentions_{i}")(x, context, mask, train=train)
+        x = self._transformer(f"attentions_{i}")(
+          x, context, mask, train=train, attention_control=attention_control
+        )
     if self.add_upsample:
       x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
     return x

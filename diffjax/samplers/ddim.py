@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from diffjax import diffusion
 from diffjax.losses import ModelFn
 from diffjax.samplers.loop import alpha_bar_at, reverse_loop
-from diffjax.samplers.timesteps import make_timesteps
+from diffjax.samplers.timesteps import TimestepTable, make_timesteps
 from diffjax.schedules import Schedule
 
 
@@ -38,11 +38,18 @@ def ddim_step(
   eta=0.0,
   prediction: str = "eps",
   clip_x0: float | None = 1.0,
+  final_alpha_bar=1.0,
+  eps_from_clipped_x0: bool = True,
 ):
   """One DDIM update from scalar timestep ``t`` to ``t_prev`` (``-1`` = clean).
 
   Args:
     x_t: ``[B, H, W, C]``. t, t_prev: int scalars (may be traced). eta: scalar or ``[B]``.
+    final_alpha_bar: alpha-bar at ``t_prev = -1`` (1 = the clean end; diffusers' ``DDIMScheduler`` with
+      ``set_alpha_to_one=False`` uses ``alphas_cumprod[0]``). May be traced.
+    eps_from_clipped_x0: with ``clip_x0``, recompute eps from the clipped x0 (DDPM's convention, the
+      default); False keeps the model's eps while x0 is clipped (diffusers' ``DDIMScheduler.step`` with
+      ``use_clipped_model_output=False``).
 
   Returns:
     x_{t_prev}, shaped like ``x_t``.
@@ -51,10 +58,19 @@ def ddim_step(
   tb = jnp.full((B,), t, jnp.int32)
   out = model_fn(params, x_t, tb, cond).astype(x_t.dtype)
   x0, eps = diffusion.to_x0_eps(
-    schedule=schedule, prediction=prediction, x_t=x_t, t=tb, output=out, clip_x0=clip_x0
+    schedule=schedule,
+    prediction=prediction,
+    x_t=x_t,
+    t=tb,
+    output=out,
+    clip_x0=clip_x0 if eps_from_clipped_x0 else None,
   )
+  if clip_x0 is not None and not eps_from_clipped_x0:
+    x0 = jnp.clip(x0, -clip_x0, clip_x0)
   ab_t = alpha_bar_at(schedule.alphas_cumprod, t)
-  ab_prev = alpha_bar_at(schedule.alphas_cumprod, t_prev)
+  ab_prev = jnp.where(
+    t_prev >= 0, alpha_bar_at(schedule.alphas_cumprod, t_prev), jnp.asarray(final_alpha_bar, jnp.float32)
+  )
   eta = jnp.asarray(eta, x_t.dtype)
   eta = eta.reshape(eta.shape + (1,) * (nd - eta.ndim)) if eta.ndim else eta
   sigma = ddim_sigma(ab_t=ab_t, ab_prev=ab_prev, eta=eta)
@@ -76,13 +92,21 @@ def ddim_sample(
   spacing: str = "uniform",
   prediction: str = "eps",
   clip_x0: float | None = 1.0,
+  table: TimestepTable | None = None,
+  eps_from_clipped_x0: bool = True,
 ) -> jnp.ndarray:
   """Samples with DDIM from noise ``x_T`` ``[B, H, W, C]``.
 
   ``num_steps`` (in [1, T]) and ``eta`` (scalar or ``[B]``) may be traced: changing them does not
-  recompile a jitted caller. ``spacing`` is "uniform", "quadratic" or "trailing".
+  recompile a jitted caller. ``spacing`` is "uniform", "quadratic" or "trailing"; an explicit ``table``
+  (e.g. a diffusers scheduler's, :mod:`diffjax.pretrained.scheduler`) replaces it, with its own
+  step targets and final alpha-bar. ``eps_from_clipped_x0``: see :func:`ddim_step`.
   """
-  ts = make_timesteps(num_timesteps=schedule.num_timesteps, num_steps=num_steps, spacing=spacing)
+  if table is None:
+    ts = make_timesteps(num_timesteps=schedule.num_timesteps, num_steps=num_steps, spacing=spacing)
+    prev_ts, final_ab = None, 1.0
+  else:
+    ts, prev_ts, final_ab = table.timesteps, table.prev_timesteps, table.final_alpha_bar
 
   def step_fn(x, t, t_prev, k):
     return ddim_step(
@@ -97,6 +121,10 @@ def ddim_sample(
       eta=eta,
       prediction=prediction,
       clip_x0=clip_x0,
+      final_alpha_bar=final_ab,
+      eps_from_clipped_x0=eps_from_clipped_x0,
     )
 
-  return reverse_loop(step_fn=step_fn, x_T=x_T, timesteps=ts, num_steps=num_steps, key=key)
+  return reverse_loop(
+    step_fn=step_fn, x_T=x_T, timesteps=ts, num_steps=num_steps, key=key, prev_timesteps=prev_ts
+  )

@@ -19,15 +19,29 @@ StepFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, jax.Array], jnp.ndarra
 
 
 def reverse_loop(
-  *, step_fn: StepFn, x_T: jnp.ndarray, timesteps: jnp.ndarray, num_steps, key: jax.Array
+  *,
+  step_fn: StepFn,
+  x_T: jnp.ndarray,
+  timesteps: jnp.ndarray,
+  num_steps,
+  key: jax.Array,
+  prev_timesteps: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
-  """Runs ``step_fn`` from ``timesteps[num_steps - 1]`` down to ``timesteps[0]`` and then to -1."""
+  """Runs ``step_fn`` from ``timesteps[num_steps - 1]`` down to ``timesteps[0]`` and then to -1.
+
+  ``prev_timesteps`` (optional, shaped like ``timesteps``) overrides where entry ``i`` steps to (``-1`` =
+  the clean end) instead of the next smaller entry; diffusers' ``DDIMScheduler`` steps ``t`` to
+  ``t - T // num_steps`` whatever the spacing (see :class:`~diffjax.samplers.timesteps.TimestepTable`).
+  """
   n = jnp.asarray(num_steps, jnp.int32)
 
   def body(j, x):
     i = n - 1 - j
     t = timesteps[i]
-    t_prev = jnp.where(i > 0, timesteps[jnp.maximum(i - 1, 0)], -1)
+    if prev_timesteps is None:
+      t_prev = jnp.where(i > 0, timesteps[jnp.maximum(i - 1, 0)], -1)
+    else:
+      t_prev = prev_timesteps[i]
     return step_fn(x, t, t_prev, jax.random.fold_in(key, j))
 
   return jax.lax.fori_loop(0, n, body, x_T)

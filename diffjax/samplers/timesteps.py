@@ -14,8 +14,30 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 SPACINGS = ("uniform", "quadratic", "trailing")
+
+
+@struct.dataclass
+class TimestepTable:
+  """An explicit timestep plan for a sampler, in place of a ``spacing`` (e.g. a diffusers scheduler's).
+
+  A pytree of arrays, so a jitted sampler takes it as an argument: a new step count is new data, not a
+  recompile. :mod:`diffjax.pretrained.scheduler` builds one from a diffusers scheduler config.
+
+  Attributes:
+    timesteps: int32 ``[N]``; entries ``0 .. num_steps - 1`` are the increasing timesteps visited (the
+      rest is padding).
+    prev_timesteps: int32 ``[N]``; entry ``i`` is the timestep that step ``timesteps[i]`` moves to, or -1
+      for the clean end.
+    final_alpha_bar: float32 scalar; alpha-bar at the clean end (1, or diffusers' ``alphas_cumprod[0]``
+      with ``set_alpha_to_one=False``).
+  """
+
+  timesteps: jnp.ndarray
+  prev_timesteps: jnp.ndarray
+  final_alpha_bar: jnp.ndarray
 
 
 def check_num_steps(num_steps, num_timesteps: int) -> None:

@@ -34,12 +34,22 @@ __all__ = [
   "init_text_params",
   "is_text_config",
   "load_text_run",
+  "root_key",
   "scene_image_shape",
 ]
 
 # Fixed sub-streams of a run's root key (as in diffjax.training.loop).
 INIT, TRAIN, SAMPLE, TEXT_INIT = 0, 1, 2, 4
 NORMALIZE_EXAMPLES = 4096  # images whose latents set the per-channel statistics
+
+
+def root_key(config: ml_collections.ConfigDict) -> jax.Array:
+  """The run's root key: ``config.seed`` with the PRNG implementation ``config.rng_impl``.
+
+  ``"threefry2x32"`` (the default) or e.g. ``"rbg"``/``"unsafe_rbg"``, which compile much faster on CPU
+  (parameter initialisation compiles one generator per parameter; the smoke config uses it).
+  """
+  return jax.random.key(config.seed, impl=config.get("rng_impl", "threefry2x32"))
 
 
 def is_text_config(config: ml_collections.ConfigDict) -> bool:
@@ -172,7 +182,7 @@ def build_text_run(
       ``(run, state)``: ``run.params`` are the initial parameters; ``state`` is a
       :class:`~diffjax.training.state.TrainState` template.
   """
-  root = jax.random.key(config.seed)
+  root = root_key(config)
   prompts = build_prompt_encoder(config, key=jax.random.fold_in(root, TEXT_INIT))
   codec = build_codec(config, workdir, images=train_images)
   image_shape = scene_image_shape(config)

@@ -32,7 +32,14 @@ from diffjax.text_conditioning import PromptEncoder
 from diffjax.text_sampling import make_text_generate
 from diffjax.training import builders
 from diffjax.training.step import compile_train_step
-from diffjax.training.text_builders import SAMPLE, TRAIN, TextRun, build_scene_data, build_text_run
+from diffjax.training.text_builders import (
+  SAMPLE,
+  TRAIN,
+  TextRun,
+  build_scene_data,
+  build_text_run,
+  root_key,
+)
 from diffjax.training.text_step import make_text_train_step
 from diffjax.training.workdir import MetricsLog, write_config
 
@@ -102,19 +109,25 @@ def train_text_to_image(config: ml_collections.ConfigDict, workdir: str, *, prog
   if is_main:
     write_config(workdir, config)
   train_ds, _ = build_scene_data(config)
-  run, state = build_text_run(config, workdir=workdir, train_images=train_ds.images)
   rep = parallel.replicated(mesh)
-  state = jax.device_put(state, rep)
   ckpt = Checkpointer(
     os.path.join(workdir, "checkpoints"),
     max_to_keep=t_cfg.keep_checkpoints,
     save_interval_steps=t_cfg.checkpoint_every,
   )
   start = 0
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
+  resume = ckpt.latest_step() is not None
+  # Resuming restores into a shapes-only template: no initialisation is compiled or run.
+  run, state = build_text_run(config, workdir=workdir, train_images=train_ds.images, abstract=resume)
+  if resume:
+    state = ckpt.restore(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), state))
     start = int(jax.device_get(state.step))
+  else:
+    state = jax.device_put(state, rep)
   log = MetricsLog(workdir, resume_step=start)
+  if start >= t_cfg.num_steps:
+    ckpt.close()
+    return {}
 
   table = CaptionTable(train_ds.captions, run.prompts)
   latents = _diffusion_targets(train_ds, run.codec, workdir)
@@ -135,7 +148,7 @@ def train_text_to_image(config: ml_collections.ConfigDict, workdir: str, *, prog
     ),
     mesh,
   )
-  root = jax.random.key(config.seed)
+  root = root_key(config)
   train_key = jax.device_put(jax.random.fold_in(root, TRAIN), rep)
   sample_grid = _grid_writer(run, config, workdir, enabled=is_main)
 
@@ -194,7 +207,7 @@ def _grid_writer(run: TextRun, config: ml_collections.ConfigDict, workdir: str, 
   The prompts are encoded and the sampler compiled on the first call.
   """
   s = config.sample
-  key = jax.random.fold_in(jax.random.key(config.seed), SAMPLE)
+  key = jax.random.fold_in(root_key(config), SAMPLE)
   built: dict = {}
 
   def write(params, step: int) -> str:
