@@ -8,14 +8,17 @@ The train step of ``bench_unet``'s U-Net (diffusers ``UNet2DModel`` layout, chan
 * ``+groupnorm``: per-channel GroupNorm(+SiLU) with a hand-written VJP (``group_norm``);
 * ``+conv``: blocked im2col weight gradient for 3x3 convolutions (``conv_kernels``) -- all three,
   which is what ``"auto"`` selects on CPU;
+* ``all but groupnorm``: attention and conv fast paths only (what each of the two later paths adds
+  on top of the other);
 
-each timed with glibc's default allocator settings and with :func:`diffjax.host_memory.keep_freed_memory`
-(toggled between runs with ``mallopt``), next to PyTorch (diffusers' model, same weights and step)
-with one thread and with ``os.cpu_count()`` threads under both allocator settings. Every round runs
-every configuration once in rotating order; ratios are medians over rounds of per-round time ratios.
+each with :func:`diffjax.host_memory.keep_freed_memory` (``tuned malloc``); ``+attention`` and ``+conv``
+also with glibc's default allocator settings (toggled between runs with ``mallopt``), next to PyTorch
+(diffusers' model, same weights and step, tuned malloc) with one thread and with ``os.cpu_count()``
+threads. Every round runs every row once in rotating order; ratios are medians over rounds of
+per-round time ratios. Each resolution is set up, compiled and timed on its own.
 
-Run:   python experiments/bench_cpu_paths.py               (32x32x3; ~10 min on 2 quiet cores)
-       python experiments/bench_cpu_paths.py --quick       (8x8x1, batch 8: a smoke run)
+Run:   python experiments/bench_cpu_paths.py            (28x28x1 and 32x32x3, batch 64; ~20 min on 2 cores)
+       python experiments/bench_cpu_paths.py --quick    (8x8x1, batch 8: a smoke run)
 Writes experiments/results/bench_cpu_paths.json and .md (``_quick`` with --quick).
 """
 
@@ -46,7 +49,15 @@ VARIANTS = {
   "+attention": {"attention_impl": "blocked", "norm_impl": "xla", "conv_impl": "xla"},
   "+groupnorm": {"attention_impl": "blocked", "norm_impl": "fused", "conv_impl": "xla"},
   "+conv": {"attention_impl": "blocked", "norm_impl": "fused", "conv_impl": "blocked"},
+  "all but groupnorm": {"attention_impl": "blocked", "norm_impl": "xla", "conv_impl": "blocked"},
 }
+# Rows: (label, run name, tuned malloc). ``+attention, default malloc`` is main's CPU default before this
+# branch; ``+conv`` (tuned) is what ``"auto"`` plus keep_freed_memory select now.
+def _configs(torch_n: int) -> list[tuple[str, str, bool]]:
+  rows = [(f"{k}, tuned malloc", k, True) for k in VARIANTS]
+  rows += [("+attention, default malloc", "+attention", False), ("+conv, default malloc", "+conv", False)]
+  rows += [(f"torch{n}t, tuned malloc", f"torch{n}t", True) for n in sorted({1, torch_n})]
+  return rows
 
 
 def cpu_seconds() -> float:
@@ -58,69 +69,49 @@ def minor_faults() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--res", default="32x32x3")
-  ap.add_argument("--batch", type=int, default=64)
-  ap.add_argument("--rounds", type=int, default=4)
-  ap.add_argument("--quick", action="store_true")
-  ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-  args = ap.parse_args()
-  if args.quick:
-    args.res, args.batch, args.rounds = "8x8x1", 8, 2
-  torch.set_num_threads(os.cpu_count())
-  t_start, load_start = time.time(), os.getloadavg()
-  p = B.setup(args.res, args.batch, 2)
+def bench_resolution(res: str, batch: int, rounds: int) -> dict:
+  """Every row of :func:`_configs` at one resolution, alternated over ``rounds`` rounds."""
+  p = B.setup(res, batch, 2)
   c = p["res"][2]
   key = jax.random.key(2)
-  runs, compile_s, holders = {}, {}, {}
+  runs, compile_s = {}, {}
   for name, impls in VARIANTS.items():
     model = UNet(
-      in_channels=c,
-      out_channels=c,
-      attention_levels=(False, True),
-      num_classes=B.NUM_CLASSES,
-      **B.ARCH,
-      **impls,
-    )
+      in_channels=c, out_channels=c, attention_levels=(False, True), num_classes=B.NUM_CLASSES, **B.ARCH, **impls
+    )  # fmt: skip
     step = make_train_step(
       model=model, schedule=p["schedule"], tx=p["tx"], cond_drop_prob=B.DROP, ema_decay=B.EMA
     )
-    holders[name] = {"state": B.new_state(p)}
+    holder = {"state": B.new_state(p)}
     t0 = time.perf_counter()
-    compiled = compile_train_step(step, p["mesh"]).lower(holders[name]["state"], p["batch"], key).compile()
+    compiled = compile_train_step(step, p["mesh"]).lower(holder["state"], p["batch"], key).compile()
     compile_s[name] = time.perf_counter() - t0
-    print(f"{name}: compiled in {compile_s[name]:.0f}s", flush=True)
+    print(f"{res} {name}: compiled in {compile_s[name]:.0f}s", flush=True)
 
-    def run(compiled=compiled, holder=holders[name]):
+    def run(compiled=compiled, holder=holder):
       holder["state"], m = compiled(holder["state"], p["batch"], key)
       jax.block_until_ready(m)
 
     runs[name] = run
+  n = os.cpu_count()
   trainer = B.TorchTrainer(p["torch_model"], np.asarray(p["schedule"].alphas_cumprod))
   runs["torch1t"] = B.with_threads(lambda: trainer.step(*p["t_batch"]), 1)
-  runs[f"torch{os.cpu_count()}t"] = lambda: trainer.step(*p["t_batch"])
-  # Allocator A/B for diffjax (all fast paths) and both torch settings.
-  configs = {f"{k}, tuned malloc": (k, True) for k in runs}
-  configs.update(
-    {f"{k}, default malloc": (k, False) for k in ("+conv", "torch1t", f"torch{os.cpu_count()}t")}
-  )
-  for fn in runs.values():
+  runs[f"torch{n}t"] = lambda: trainer.step(*p["t_batch"])
+  configs = _configs(n)
+  for fn in runs.values():  # warm-up
     fn()
-  names = list(configs)
-  wall = {k: [] for k in names}
-  cpu = {k: [] for k in names}
-  faults = {k: [] for k in names}
-  for r in range(args.rounds):
-    for k in names[r % len(names) :] + names[: r % len(names)]:
-      run_name, tuned = configs[k]
+  names = [k for k, _, _ in configs]
+  wall, cpu, faults = ({k: [] for k in names} for _ in range(3))
+  for r in range(rounds):
+    order = configs[r % len(configs) :] + configs[: r % len(configs)]
+    for k, run_name, tuned in order:
       keep_freed_memory() if tuned else restore_default_malloc()
       f0, c0, t0 = minor_faults(), cpu_seconds(), time.perf_counter()
       runs[run_name]()
       wall[k].append(time.perf_counter() - t0)
       cpu[k].append(cpu_seconds() - c0)
       faults[k].append(minor_faults() - f0)
-    print(f"round {r}: " + ", ".join(f"{k} {wall[k][-1]:.2f}s" for k in names), flush=True)
+    print(f"{res} round {r} (load {os.getloadavg()[0]:.1f}): " + ", ".join(f"{k} {wall[k][-1]:.2f}s" for k in names), flush=True)
   keep_freed_memory()
   w = {k: np.array(v) for k, v in wall.items()}
   ref = "plain, tuned malloc"
@@ -135,21 +126,37 @@ def main() -> None:
     for k in names
   }
   for k in names:
-    for t in ("torch1t", f"torch{os.cpu_count()}t"):
-      rows[k][f"ratio_vs_{t}"] = float(np.median(w[f"{t}, tuned malloc"] / w[k]))
+    for t in sorted({1, n}):
+      rows[k][f"ratio_vs_torch{t}t"] = float(np.median(w[f"torch{t}t, tuned malloc"] / w[k]))
+  return {"jax_compile_s": compile_s, "rows": rows}
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--resolutions", default="28x28x1,32x32x3", help="comma-separated HxWxC")
+  ap.add_argument("--batch", type=int, default=64)
+  ap.add_argument("--rounds", type=int, default=4)
+  ap.add_argument("--quick", action="store_true", help="8x8x1, batch 8, 2 rounds: a smoke run")
+  ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+  args = ap.parse_args()
+  if args.quick:
+    args.resolutions, args.batch, args.rounds = "8x8x1", 8, 2
+  torch.set_num_threads(os.cpu_count())
+  keep_freed_memory()
+  t_start, load_start = time.time(), os.getloadavg()
   result = {
-    "command": "python experiments/bench_cpu_paths.py " + " ".join(sys.argv[1:]),
-    "res": args.res,
+    "command": ("python experiments/bench_cpu_paths.py " + " ".join(sys.argv[1:])).strip(),
     "batch": args.batch,
     "rounds": args.rounds,
     "cpu_count": os.cpu_count(),
     "load_avg_start": load_start,
-    "load_avg_end": os.getloadavg(),
-    "wall_s": time.time() - t_start,
-    "jax_compile_s": compile_s,
     "variants": VARIANTS,
-    "rows": rows,
+    "resolutions": {},
   }
+  for res in args.resolutions.split(","):
+    result["resolutions"][res] = bench_resolution(res, args.batch, args.rounds)
+  result["load_avg_end"] = os.getloadavg()
+  result["wall_s"] = time.time() - t_start
   os.makedirs(args.out, exist_ok=True)
   name = os.path.join(args.out, "bench_cpu_paths" + ("_quick" if args.quick else ""))
   with open(name + ".json", "w") as f:
@@ -159,23 +166,30 @@ def main() -> None:
     "# bench_cpu_paths: what each CPU fast path buys on the U-Net training step",
     "",
     (
-      f"`{result['command']}`: {args.res}, batch {args.batch}, {args.rounds} rounds alternating every row in "
-      f"one process; {n} CPU cores shared with other jobs (load average {load_start[0]:.1f} at start, "
-      f"{result['load_avg_end'][0]:.1f} at end); {result['wall_s'] / 60:.1f} min. Speed-ups are medians over "
-      "rounds of per-round time ratios; CPU s/step and page faults are this process's (all threads)."
+      f"`{result['command']}`: batch {args.batch}, {args.rounds} rounds alternating every row in one "
+      f"process per resolution; {n} CPU cores shared with other jobs (load average {load_start[0]:.1f} at "
+      f"start, {result['load_avg_end'][0]:.1f} at end); {result['wall_s'] / 60:.1f} min. Speed-ups are "
+      "medians over rounds of per-round time ratios, so load hits both sides of a ratio alike; absolute "
+      "steps/s are inflated by the load. CPU s/step and page faults are this process's (all threads). "
+      "`+conv` = all three fast paths (what `\"auto\"` selects on CPU)."
     ),
-    "",
-    (
-      f"| configuration | steps/s | speed-up vs plain | vs torch1t | vs torch{n}t | CPU s/step | "
-      "minor page faults/step |"
-    ),
-    "|---|---|---|---|---|---|---|",
   ]
-  for k, r in rows.items():
-    lines.append(
-      f"| {k} | {r['steps_per_s']:.3f} | {r['speedup_vs_plain']:.2f}x | {r['ratio_vs_torch1t']:.2f}x | "
-      f"{r[f'ratio_vs_torch{n}t']:.2f}x | {r['cpu_s_per_step']:.2f} | {r['minor_faults_per_step']:,} |"
-    )
+  for res, r in result["resolutions"].items():
+    lines += [
+      "",
+      f"## {res}",
+      "",
+      (
+        f"| configuration | steps/s | speed-up vs plain | vs torch1t | vs torch{n}t | CPU s/step | "
+        "minor page faults/step |"
+      ),
+      "|---|---|---|---|---|---|---|",
+    ]
+    for k, row in r["rows"].items():
+      lines.append(
+        f"| {k} | {row['steps_per_s']:.3f} | {row['speedup_vs_plain']:.2f}x | {row['ratio_vs_torch1t']:.2f}x | "
+        f"{row[f'ratio_vs_torch{n}t']:.2f}x | {row['cpu_s_per_step']:.2f} | {row['minor_faults_per_step']:,} |"
+      )
   with open(name + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

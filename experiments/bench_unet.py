@@ -493,7 +493,7 @@ def main() -> None:
   env["MALLOC_MMAP_THRESHOLD_"] = "65536"
   t_start = time.time()
   result = {
-    "command": "python experiments/bench_unet.py " + " ".join(sys.argv[1:]),
+    "command": ("python experiments/bench_unet.py " + " ".join(sys.argv[1:])).strip(),
     "machine": {
       "cpu_count": os.cpu_count(),
       "load_avg_start": os.getloadavg(),
