@@ -3,21 +3,23 @@
 The train step of ``bench_unet``'s U-Net (diffusers ``UNet2DModel`` layout, channels (32, 64), batch
 64, AdamW, eps loss) compiled with each fast path switched on in turn:
 
-* ``plain``: ``attention_impl="xla"``, ``norm_impl="xla"``, ``conv_impl="xla"`` (Flax/XLA as is);
+* ``plain``: ``attention_impl="xla"``, ``norm_impl="xla"`` (Flax/XLA as is);
 * ``+attention``: blocked attention with a hand-written VJP (``attention_kernels``);
-* ``+groupnorm``: per-channel GroupNorm(+SiLU) with a hand-written VJP (``group_norm``);
-* ``+conv``: blocked im2col weight gradient for 3x3 convolutions (``conv_kernels``) -- all three,
-  which is what ``"auto"`` selects on CPU;
-* ``all but groupnorm``: attention and conv fast paths only (what each of the two later paths adds
-  on top of the other);
+* ``+groupnorm``: also the per-channel GroupNorm(+SiLU) with a hand-written VJP (``group_norm``) --
+  both, which is what ``"auto"`` selects on CPU;
 
-each with :func:`diffjax.host_memory.keep_freed_memory` (``tuned malloc``); ``+attention`` and ``+conv``
-also with glibc's default allocator settings (toggled between runs with ``mallopt``), next to PyTorch
-(diffusers' model, same weights and step, tuned malloc) with one thread and with ``os.cpu_count()``
-threads. Every round runs every row once in rotating order; ratios are medians over rounds of
-per-round time ratios. Each resolution is set up, compiled and timed on its own.
+each with :func:`diffjax.host_memory.keep_freed_memory` (``tuned malloc``), and ``+attention`` (main's
+CPU default before ``group_norm`` and ``host_memory``) and ``+groupnorm`` also with glibc's default
+allocator settings (toggled between runs with ``mallopt``), next to PyTorch (diffusers' model, same
+weights and step, tuned malloc) with one thread and with ``os.cpu_count()`` threads. Every round runs
+every row once in rotating order; ratios are medians over rounds of per-round time ratios. Each
+resolution is set up, compiled and timed on its own.
 
-Run:   python experiments/bench_cpu_paths.py            (28x28x1 and 32x32x3, batch 64; ~20 min on 2 cores)
+A blocked im2col convolution weight gradient with a hand-written VJP was measured here too (commit
+aba50ed, ``experiments/results/bench_cpu_paths.md``) and dropped: 0.94-1.00x at batch 64 once the
+allocator is tuned.
+
+Run:   python experiments/bench_cpu_paths.py            (28x28x1 and 32x32x3, batch 64; ~10 min on 2 cores)
        python experiments/bench_cpu_paths.py --quick    (8x8x1, batch 8: a smoke run)
 Writes experiments/results/bench_cpu_paths.json and .md (``_quick`` with --quick).
 """
@@ -45,17 +47,17 @@ from diffjax.models import UNet
 from diffjax.training.step import compile_train_step, make_train_step
 
 VARIANTS = {
-  "plain": {"attention_impl": "xla", "norm_impl": "xla", "conv_impl": "xla"},
-  "+attention": {"attention_impl": "blocked", "norm_impl": "xla", "conv_impl": "xla"},
-  "+groupnorm": {"attention_impl": "blocked", "norm_impl": "fused", "conv_impl": "xla"},
-  "+conv": {"attention_impl": "blocked", "norm_impl": "fused", "conv_impl": "blocked"},
-  "all but groupnorm": {"attention_impl": "blocked", "norm_impl": "xla", "conv_impl": "blocked"},
+  "plain": {"attention_impl": "xla", "norm_impl": "xla"},
+  "+attention": {"attention_impl": "blocked", "norm_impl": "xla"},
+  "+groupnorm": {"attention_impl": "blocked", "norm_impl": "fused"},
 }
-# Rows: (label, run name, tuned malloc). ``+attention, default malloc`` is main's CPU default before this
-# branch; ``+conv`` (tuned) is what ``"auto"`` plus keep_freed_memory select now.
+
+
+# Rows: (label, run name, tuned malloc). ``+attention, default malloc`` is main's CPU default before
+# group_norm and host_memory; ``+groupnorm, tuned malloc`` is what ``"auto"`` and keep_freed_memory select.
 def _configs(torch_n: int) -> list[tuple[str, str, bool]]:
   rows = [(f"{k}, tuned malloc", k, True) for k in VARIANTS]
-  rows += [("+attention, default malloc", "+attention", False), ("+conv, default malloc", "+conv", False)]
+  rows += [(f"{k}, default malloc", k, False) for k in ("+attention", "+groupnorm")]
   rows += [(f"torch{n}t, tuned malloc", f"torch{n}t", True) for n in sorted({1, torch_n})]
   return rows
 
@@ -111,7 +113,8 @@ def bench_resolution(res: str, batch: int, rounds: int) -> dict:
       wall[k].append(time.perf_counter() - t0)
       cpu[k].append(cpu_seconds() - c0)
       faults[k].append(minor_faults() - f0)
-    print(f"{res} round {r} (load {os.getloadavg()[0]:.1f}): " + ", ".join(f"{k} {wall[k][-1]:.2f}s" for k in names), flush=True)
+    times = ", ".join(f"{k} {wall[k][-1]:.2f}s" for k in names)
+    print(f"{res} round {r} (load {os.getloadavg()[0]:.1f}): {times}", flush=True)
   keep_freed_memory()
   w = {k: np.array(v) for k, v in wall.items()}
   ref = "plain, tuned malloc"
@@ -171,7 +174,7 @@ def main() -> None:
       f"start, {result['load_avg_end'][0]:.1f} at end); {result['wall_s'] / 60:.1f} min. Speed-ups are "
       "medians over rounds of per-round time ratios, so load hits both sides of a ratio alike; absolute "
       "steps/s are inflated by the load. CPU s/step and page faults are this process's (all threads). "
-      "`+conv` = all three fast paths (what `\"auto\"` selects on CPU)."
+      "`+groupnorm` = both fast paths (what `\"auto\"` selects on CPU)."
     ),
   ]
   for res, r in result["resolutions"].items():

@@ -18,11 +18,10 @@ PyTorch runs with ``torch.set_num_threads(os.cpu_count())`` (the headline ratio)
 rounds, with one thread as a reference. Ratios are medians over rounds (rotating the order of the
 runs) of torch time / jax time, so load from other processes hits both sides of a round alike.
 
-diffjax runs with its defaults, which on the CPU backend select the fast paths (blocked attention,
-fused GroupNorm and blocked convolution weight gradients with hand-written VJPs; see
-``bench_cpu_paths.py`` for what each buys). The whole process, both frameworks alike, keeps freed
+diffjax runs with its defaults, which on the CPU backend select the fast paths (blocked attention and
+fused GroupNorm(+SiLU), both with hand-written VJPs; see ``bench_cpu_paths.py`` for what each buys). The whole process, both frameworks alike, keeps freed
 heap memory for reuse (:func:`diffjax.host_memory.keep_freed_memory`; ``--default-malloc`` turns it
-off), as ``python -m diffjax`` does.
+off), as diffjax's training loop does on the CPU backend.
 
 Run:   python experiments/bench_unet.py            (~15 min on 2 quiet CPU cores)
        python experiments/bench_unet.py --quick    (8x8x1 at batch 8, no memory children: a smoke run)
@@ -55,7 +54,6 @@ from diffjax.guidance import classifier_free_guidance
 from diffjax.host_memory import keep_freed_memory
 from diffjax.models import UNet, count_params
 from diffjax.models.attention import resolve_attention_fn
-from diffjax.models.conv_kernels import resolve_conv_impl
 from diffjax.models.diffusers_names import diffusers_to_flax_params
 from diffjax.models.group_norm import resolve_norm_impl
 from diffjax.samplers import ddim_sample
@@ -387,7 +385,7 @@ def write_markdown(result: dict) -> str:
     "",
     (
       f"| resolution | train steps/s jax / torch / torch{n}t | train ratio (vs torch{n}t) | MFU jax / torch | "
-      f"DDIM-50 CFG images/s jax / torch / torch{n}t | sampling ratio (vs torch{n}t) |"
+      f"DDIM-{st['sample_steps']} CFG images/s jax / torch / torch{n}t | sampling ratio (vs torch{n}t) |"
     ),
     "|---|---|---|---|---|---|",
   ]
@@ -431,20 +429,26 @@ def write_markdown(result: dict) -> str:
 
 
 def readme_table(result: dict) -> list[str]:
-  """The compact table for the README: diffjax vs PyTorch at the core count, with MFU."""
-  t, mach = result["settings"]["torch_threads"], result["machine"]
+  """The compact table for the README: diffjax vs PyTorch at the core count (and at the reference
+  thread count, in brackets, when timed), with MFU."""
+  st, mach = result["settings"], result["machine"]
+  t, n = st["torch_threads"], st["torch_ref_threads"]
+  ref = lambda d: f" ({d['ratio_vs_torch_ref']:.2f}x)" if "ratio_vs_torch_ref" in d else ""
+  vs = f" (vs {n} thread{'s' if n > 1 else ''})" if n else ""
   rows = [
     (
-      f"| resolution (batch {result['settings']['batch']}) | train steps/s diffjax / PyTorch ({t} threads) | "
-      "train speed-up | diffjax MFU | DDIM-50 CFG images/s diffjax / diffusers | sampling speed-up |"
+      f"| resolution (batch {st['batch']}) | train steps/s diffjax / PyTorch ({t} threads) | train speed-up"
+      f"{vs} | diffjax MFU | DDIM-{st['sample_steps']} CFG images/s diffjax / "
+      f"diffusers | sampling speed-up{vs} |"
     ),
     "|---|---|---|---|---|---|",
   ]
   for res, r in result["resolutions"].items():
     tr, sa = r["train"], r["sampling"]
     rows.append(
-      f"| {res} | {tr['jax_steps_per_s']:.2f} / {tr['torch_steps_per_s']:.2f} | {tr['ratio']:.2f}x | "
-      f"{100 * tr['mfu_jax']:.0f}% | {sa['jax_images_per_s']:.2f} / {sa['torch_images_per_s']:.2f} | {sa['ratio']:.2f}x |"
+      f"| {res} | {tr['jax_steps_per_s']:.2f} / {tr['torch_steps_per_s']:.2f} | {tr['ratio']:.2f}x{ref(tr)} | "
+      f"{100 * tr['mfu_jax']:.0f}% | {sa['jax_images_per_s']:.2f} / {sa['torch_images_per_s']:.2f} | "
+      f"{sa['ratio']:.2f}x{ref(sa)} |"
     )
   rows += [
     "",
@@ -506,7 +510,6 @@ def main() -> None:
     "jax_impls": {
       "attention": resolve_attention_fn("auto").__name__,
       "norm": resolve_norm_impl("auto"),
-      "conv": resolve_conv_impl("auto"),
     },
     "matmul": matmul_peak(512 if args.quick else 2048, 5),
     "resolutions": {},

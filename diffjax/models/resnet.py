@@ -15,7 +15,6 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from diffjax.models import conv_kernels
 from diffjax.models.group_norm import GroupNorm, resolve_norm_impl
 
 __all__ = ["group_norm", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
@@ -53,16 +52,9 @@ def group_norm(
   return (lambda x: nn.silu(norm(x))) if silu else norm
 
 
-def conv3x3(features: int, dtype: jnp.dtype, name: str, strides: int = 1, *, impl: str = "xla") -> nn.Conv:
-  """3x3 convolution with PyTorch-style ``padding=1``.
-
-  ``impl``: ``"xla"`` (``lax.conv_general_dilated``), ``"blocked"`` (blocked matmul weight gradient,
-  :mod:`diffjax.models.conv_kernels`) or ``"auto"`` (blocked on CPU); same parameters and function.
-  """
-  conv_fn = conv_kernels.conv_general_dilated if conv_kernels.resolve_conv_impl(impl) == "blocked" else None
-  return nn.Conv(
-    features, (3, 3), strides=strides, padding=PAD1, dtype=dtype, conv_general_dilated=conv_fn, name=name
-  )
+def conv3x3(features: int, dtype: jnp.dtype, name: str, strides: int = 1) -> nn.Conv:
+  """3x3 convolution with PyTorch-style ``padding=1``."""
+  return nn.Conv(features, (3, 3), strides=strides, padding=PAD1, dtype=dtype, name=name)
 
 
 class ResnetBlock2D(nn.Module):
@@ -79,7 +71,6 @@ class ResnetBlock2D(nn.Module):
       dropout: Dropout rate before ``conv2`` (active only when ``train``).
       dtype: Compute dtype; parameters stay float32.
       norm_impl: GroupNorm(+SiLU) implementation, see :func:`group_norm` (same parameters).
-      conv_impl: 3x3 convolution implementation, see :func:`conv3x3` (same parameters).
   """
 
   out_channels: int
@@ -88,7 +79,6 @@ class ResnetBlock2D(nn.Module):
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
   norm_impl: str = "auto"
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -107,14 +97,14 @@ class ResnetBlock2D(nn.Module):
       self.norm_num_groups, self.norm_eps, self.dtype, name, impl=self.norm_impl, silu=True
     )
     h = norm("norm1")(x)
-    h = conv3x3(self.out_channels, self.dtype, "conv1", impl=self.conv_impl)(h)
+    h = conv3x3(self.out_channels, self.dtype, "conv1")(h)
 
     t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
     h = h + t[:, None, None, :]
 
     h = norm("norm2")(h)
     h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
-    h = conv3x3(self.out_channels, self.dtype, "conv2", impl=self.conv_impl)(h)
+    h = conv3x3(self.out_channels, self.dtype, "conv2")(h)
 
     if x.shape[-1] != self.out_channels:
       x = nn.Conv(self.out_channels, (1, 1), padding="VALID", dtype=self.dtype, name="conv_shortcut")(x)
@@ -127,12 +117,10 @@ class Downsample2D(nn.Module):
   Attributes:
       out_channels: Output channels.
       dtype: Compute dtype.
-      conv_impl: Convolution implementation, see :func:`conv3x3`.
   """
 
   out_channels: int
   dtype: jnp.dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -144,7 +132,7 @@ class Downsample2D(nn.Module):
     Returns:
         ``[B, ceil(H/2), ceil(W/2), out_channels]``.
     """
-    return conv3x3(self.out_channels, self.dtype, "conv", strides=2, impl=self.conv_impl)(x)
+    return conv3x3(self.out_channels, self.dtype, "conv", strides=2)(x)
 
 
 class Upsample2D(nn.Module):
@@ -153,12 +141,10 @@ class Upsample2D(nn.Module):
   Attributes:
       out_channels: Output channels.
       dtype: Compute dtype.
-      conv_impl: Convolution implementation, see :func:`conv3x3`.
   """
 
   out_channels: int
   dtype: jnp.dtype = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -172,4 +158,4 @@ class Upsample2D(nn.Module):
     """
     # Nearest x2 == torch.nn.functional.interpolate(scale_factor=2, mode="nearest").
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return conv3x3(self.out_channels, self.dtype, "conv", impl=self.conv_impl)(x)
+    return conv3x3(self.out_channels, self.dtype, "conv")(x)

@@ -69,9 +69,6 @@ class UNet(nn.Module):
       norm_impl: GroupNorm implementation: ``"auto"`` (the fused per-channel form with a
           hand-written VJP on CPU, Flax's elsewhere), ``"xla"`` or ``"fused"``; see
           :mod:`diffjax.models.group_norm`. Same parameters and function either way.
-      conv_impl: 3x3 convolution implementation: ``"auto"`` (a blocked matmul weight gradient with
-          a hand-written VJP on CPU, XLA's elsewhere), ``"xla"`` or ``"blocked"``; see
-          :mod:`diffjax.models.conv_kernels`. Same parameters and function either way.
       guidance_embedding: Adds a ``guidance_embedding`` subtree that embeds a per-example guidance
           weight w (call argument ``guidance``) into the time embedding, for students distilled from a
           classifier-free-guided teacher (:mod:`diffjax.distillation.guided`). Off by default; when
@@ -95,7 +92,6 @@ class UNet(nn.Module):
   remat: bool = False
   guidance_embedding: bool = False
   norm_impl: str = "auto"
-  conv_impl: str = "auto"
 
   @property
   def null_label(self) -> int:
@@ -226,7 +222,6 @@ class UNet(nn.Module):
       attention_impl=self.attention_impl,
       remat=self.remat,
       norm_impl=self.norm_impl,
-      conv_impl=self.conv_impl,
     )
 
     # 1. Time (+ class) embedding; sinusoidal features are always float32.
@@ -249,7 +244,7 @@ class UNet(nn.Module):
       emb = emb + GuidanceEmbedding(time_embed_dim, dtype=self.dtype, name="guidance_embedding")(w)
 
     # 2. Stem.
-    h = conv3x3(chans[0], self.dtype, "conv_in", impl=self.conv_impl)(x.astype(self.dtype))
+    h = conv3x3(chans[0], self.dtype, "conv_in")(x.astype(self.dtype))
 
     # 3. Down path; the skip stack starts with the stem output.
     skips: list[jnp.ndarray] = [h]
@@ -292,4 +287,4 @@ class UNet(nn.Module):
     h = group_norm(
       self.norm_num_groups, self.norm_eps, self.dtype, "conv_norm_out", impl=self.norm_impl, silu=True
     )(h)
-    return conv3x3(self.out_channels, self.dtype, "conv_out", impl=self.conv_impl)(h)
+    return conv3x3(self.out_channels, self.dtype, "conv_out")(h)

@@ -41,7 +41,6 @@ class _BlockLayers:
       dropout=self.dropout,
       dtype=self.dtype,
       norm_impl=self.norm_impl,
-      conv_impl=self.conv_impl,
       name=name,
     )
 
@@ -79,7 +78,6 @@ class DownBlock2D(_BlockLayers, nn.Module):
           :func:`diffjax.models.attention.resolve_attention_fn`).
       remat: Rematerialise the ResNet and attention sub-blocks.
       norm_impl: GroupNorm implementation (see :func:`diffjax.models.resnet.group_norm`).
-      conv_impl: 3x3 convolution implementation (see :func:`diffjax.models.resnet.conv3x3`).
   """
 
   out_channels: int
@@ -94,7 +92,6 @@ class DownBlock2D(_BlockLayers, nn.Module):
   attention_impl: str = "auto"
   remat: bool = False
   norm_impl: str = "auto"
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(
@@ -119,9 +116,7 @@ class DownBlock2D(_BlockLayers, nn.Module):
         x = self._attention(f"attentions_{i}")(x)
       skips.append(x)
     if self.add_downsample:
-      x = Downsample2D(self.out_channels, dtype=self.dtype, conv_impl=self.conv_impl, name="downsamplers_0")(
-        x
-      )
+      x = Downsample2D(self.out_channels, dtype=self.dtype, name="downsamplers_0")(x)
       skips.append(x)
     return x, tuple(skips)
 
@@ -139,7 +134,6 @@ class UNetMidBlock2D(_BlockLayers, nn.Module):
           :func:`diffjax.models.attention.resolve_attention_fn`).
       remat: Rematerialise the ResNet and attention sub-blocks.
       norm_impl: GroupNorm implementation (see :func:`diffjax.models.resnet.group_norm`).
-      conv_impl: 3x3 convolution implementation (see :func:`diffjax.models.resnet.conv3x3`).
   """
 
   attention_head_dim: int = 8
@@ -150,7 +144,6 @@ class UNetMidBlock2D(_BlockLayers, nn.Module):
   attention_impl: str = "auto"
   remat: bool = False
   norm_impl: str = "auto"
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
@@ -191,7 +184,6 @@ class UpBlock2D(_BlockLayers, nn.Module):
           :func:`diffjax.models.attention.resolve_attention_fn`).
       remat: Rematerialise the ResNet and attention sub-blocks.
       norm_impl: GroupNorm implementation (see :func:`diffjax.models.resnet.group_norm`).
-      conv_impl: 3x3 convolution implementation (see :func:`diffjax.models.resnet.conv3x3`).
   """
 
   out_channels: int
@@ -206,7 +198,6 @@ class UpBlock2D(_BlockLayers, nn.Module):
   attention_impl: str = "auto"
   remat: bool = False
   norm_impl: str = "auto"
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(
@@ -251,7 +242,7 @@ class UpBlock2D(_BlockLayers, nn.Module):
       if self.add_attention:
         x = self._attention(f"attentions_{i}")(x)
     if self.add_upsample:
-      x = Upsample2D(self.out_channels, dtype=self.dtype, conv_impl=self.conv_impl, name="upsamplers_0")(x)
+      x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
     return x
 
   def concat_skip(self, x: jnp.ndarray, skip: jnp.ndarray) -> jnp.ndarray:
