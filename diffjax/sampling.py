@@ -66,7 +66,10 @@ def make_generate(
     x_T = jax.random.normal(jax.random.fold_in(key, 0), (B, *image_shape), jnp.float32)
     if conditional:
       model_fn = classifier_free_guidance(
-        base, guidance_scale=guidance, null_cond=jnp.full_like(labels, model.num_classes)
+        base,
+        guidance_scale=guidance,
+        null_cond=jnp.full_like(labels, model.num_classes),
+        skip_unconditional_at_one=True,
       )
       cond = labels
     else:

@@ -60,6 +60,7 @@ def main() -> None:
       "num": a.num,
       "seed": a.seed,
       "steps": a.steps,
+      "step": run.step,
     },
   )
   for s in a.scales:
@@ -107,7 +108,7 @@ def main() -> None:
     "command": "python " + " ".join(sys.argv),
     "machine": machine(),
     "workdir": a.workdir,
-    "trained_steps": int(run.config.training.num_steps),
+    "trained_steps": run.step,
     "judge": a.judge,
     "judge_heldout_accuracy": judge_info.get("heldout_accuracy"),
     "num_samples": a.num,

@@ -46,6 +46,10 @@ def main() -> None:
   p.add_argument("--etas", type=float, nargs="+", default=[0.0, 1.0])
   p.add_argument("--no-ddpm", action="store_true", help="skip the 1000-step DDPM reference")
   p.add_argument("--no-clip", action="store_true", help="no x0 clipping (DDIM's code) instead of [-1, 1]")
+  p.add_argument(
+    "--spacing", default="uniform", choices=["uniform", "quadratic", "trailing"],
+    help="DDIM timestep subset (DDIM's paper: uniform, quadratic for CIFAR-10)",
+  )
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--name", default="ddim_steps")
   a = p.parse_args()
@@ -63,7 +67,7 @@ def main() -> None:
     "image_shape": run.image_shape,
     "prediction": pred,
   }
-  ddim = make_generate(sampler="ddim", **common)
+  ddim = make_generate(sampler="ddim", spacing=a.spacing, **common)
   rows = []
 
   cache = RowCache(
@@ -74,6 +78,8 @@ def main() -> None:
       "num": a.num,
       "seed": a.seed,
       "clip_x0": clip,
+      "spacing": a.spacing,
+      "step": run.step,
     },
   )
 
@@ -118,12 +124,13 @@ def main() -> None:
       "command": "python " + " ".join(sys.argv),
       "machine": machine(),
       "workdir": a.workdir,
-      "trained_steps": int(run.config.training.num_steps),
+      "trained_steps": run.step,
       "judge": a.judge,
       "judge_heldout_accuracy": judge_info.get("heldout_accuracy"),
       "num_samples": a.num,
       "guidance": 1.0,
       "clip_x0": clip,
+      "spacing": a.spacing,
       "seed": a.seed,
       "complete": complete,
       "rows": rows,
@@ -136,7 +143,7 @@ def main() -> None:
       + "\n",
       (
         f"`{result['command']}` on {result['machine']}; {a.num} class-conditional samples per row (w = 1), "
-        f"same labels and initial noise in every row; predicted x0 clipped to {clip}; judge held-out accuracy on real images "
+        f"same labels and initial noise in every row; predicted x0 clipped to {clip}; DDIM timesteps {a.spacing}; judge held-out accuracy on real images "
         f"{judge_info.get('heldout_accuracy')}. Fréchet distance (FD) on judge features against all "
         f"{scorer.num_reference} real images; lower is better.\n"
       ),

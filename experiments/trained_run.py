@@ -39,6 +39,7 @@ class TrainedRun:
   schedule: Any
   params: Any
   image_shape: tuple[int, int, int]
+  step: int | None = None  # training step of the restored checkpoint
 
   @property
   def num_classes(self) -> int:
@@ -46,12 +47,19 @@ class TrainedRun:
 
 
 def load_run(workdir: str) -> TrainedRun:
-  """Restores the latest EMA parameters of a class-conditional model trained in ``workdir``."""
+  """Restores the latest EMA parameters of a class-conditional model trained in ``workdir``.
+
+  The step is fixed before restoring (a run that is still training may save a newer checkpoint
+  meanwhile) and kept in ``TrainedRun.step``, so cached rows of an older checkpoint are never reused.
+  """
   config = read_config(workdir)
-  model, schedule, params = load_trained(config, workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+  step = max(steps) if steps else None
+  model, schedule, params = load_trained(config, workdir, step=step)
   if getattr(model, "num_classes", None) is None:
     raise ValueError(f"workdir {workdir!r} holds an unconditional model; the experiments need class labels")
-  return TrainedRun(workdir, config, model, schedule, params, tuple(builders.image_shape(config)))
+  return TrainedRun(workdir, config, model, schedule, params, tuple(builders.image_shape(config)), step)
 
 
 def load_scorer(

@@ -60,7 +60,9 @@ def make_sdedit(
   @jax.jit
   def run(params, key, x, labels, strength, num_steps, guidance, eta, mask):
     if nc is not None:
-      model_fn = classifier_free_guidance(base, guidance_scale=guidance, null_cond=jnp.full_like(labels, nc))
+      model_fn = classifier_free_guidance(
+        base, guidance_scale=guidance, null_cond=jnp.full_like(labels, nc), skip_unconditional_at_one=True
+      )
       cond = labels
     else:
       model_fn, cond = base, None

@@ -17,7 +17,9 @@ import jax.numpy as jnp
 from diffjax.losses import ModelFn
 
 
-def classifier_free_guidance(model_fn: ModelFn, *, guidance_scale, null_cond: Any) -> ModelFn:
+def classifier_free_guidance(
+  model_fn: ModelFn, *, guidance_scale, null_cond: Any, skip_unconditional_at_one: bool = False
+) -> ModelFn:
   """Returns a guided ``model_fn`` that runs the conditional and null passes in one batch.
 
   Args:
@@ -26,9 +28,23 @@ def classifier_free_guidance(model_fn: ModelFn, *, guidance_scale, null_cond: An
       the jitted sampler so a new w does not recompile).
     null_cond: the unconditional condition, a pytree shaped like ``cond`` (e.g. labels filled with
       the null class).
+    skip_unconditional_at_one: with a scalar w, run only the conditional pass (half the work) when
+      w == 1, chosen at run time by ``lax.cond`` when w is traced. Off by default: a ``model_fn`` that
+      records per-pass state (attention control, calibration) expects both passes in every call.
   """
 
   def guided(params, x_t, t, cond):
+    if skip_unconditional_at_one and jnp.ndim(guidance_scale) == 0:
+      if not isinstance(guidance_scale, jax.core.Tracer):
+        if float(guidance_scale) == 1.0:
+          return model_fn(params, x_t, t, cond)
+        return both_passes(params, x_t, t, cond)
+      return jax.lax.cond(
+        guidance_scale == 1, lambda: model_fn(params, x_t, t, cond), lambda: both_passes(params, x_t, t, cond)
+      )
+    return both_passes(params, x_t, t, cond)
+
+  def both_passes(params, x_t, t, cond):
     B = x_t.shape[0]
     both = jax.tree.map(lambda c, n: jnp.concatenate([c, n], axis=0), cond, null_cond)
     out = model_fn(params, jnp.concatenate([x_t, x_t], 0), jnp.concatenate([t, t], 0), both)

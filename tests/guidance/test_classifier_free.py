@@ -50,6 +50,35 @@ def test_guidance_scale_traced_no_recompile():
   assert not np.allclose(a, b)
 
 
+def test_skip_unconditional_at_one_runs_one_pass_and_matches():
+  calls = []
+  mf = _toy_model(calls)
+  x = jnp.arange(12.0).reshape(3, 4)
+  t = jnp.zeros((3,), jnp.int32)
+  labels, null = jnp.array([1, 2, 3]), jnp.full((3,), 10)
+  plain = classifier_free_guidance(mf, guidance_scale=1.0, null_cond=null)(2.0, x, t, labels)
+  calls.clear()
+  fast = classifier_free_guidance(mf, guidance_scale=1.0, null_cond=null, skip_unconditional_at_one=True)
+  np.testing.assert_allclose(fast(2.0, x, t, labels), plain, rtol=1e-6)
+  assert calls == [3]  # a concrete w = 1: only the conditional pass is traced
+
+  @jax.jit
+  def traced(w):
+    g = classifier_free_guidance(mf, guidance_scale=w, null_cond=null, skip_unconditional_at_one=True)
+    return g(2.0, x, t, labels)
+
+  for w in [0.0, 1.0, 3.0]:
+    want = classifier_free_guidance(mf, guidance_scale=w, null_cond=null)(2.0, x, t, labels)
+    np.testing.assert_allclose(traced(w), want, rtol=1e-6)
+  assert traced._cache_size() == 1
+  per_sample = jnp.array([1.0, 1.0, 2.0])  # a [B] scale always runs both passes
+  out = classifier_free_guidance(mf, guidance_scale=per_sample, null_cond=null, skip_unconditional_at_one=True)(
+    2.0, x, t, labels
+  )
+  want = classifier_free_guidance(mf, guidance_scale=per_sample, null_cond=null)(2.0, x, t, labels)
+  np.testing.assert_allclose(out, want, rtol=1e-6)
+
+
 def test_guidance_scale_wrong_shape():
   mf = _toy_model([])
   g = classifier_free_guidance(mf, guidance_scale=jnp.ones((5,)), null_cond=jnp.zeros((2,), jnp.int32))
