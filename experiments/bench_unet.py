@@ -18,9 +18,15 @@ PyTorch runs with ``torch.set_num_threads(os.cpu_count())`` (the headline ratio)
 rounds, with one thread as a reference. Ratios are medians over rounds (rotating the order of the
 runs) of torch time / jax time, so load from other processes hits both sides of a round alike.
 
-Run:   python experiments/bench_unet.py            (15-20 min on 2 busy CPU cores)
-       python experiments/bench_unet.py --quick    (a few minutes; smoke run of the script)
-Writes experiments/results/bench_unet.json and .md (``bench_unet_quick.*`` with --quick).
+diffjax runs with its defaults, which on the CPU backend select the fast paths (blocked attention and
+fused GroupNorm(+SiLU), both with hand-written VJPs; see ``bench_cpu_paths.py`` for what each buys). The whole process, both frameworks alike, keeps freed
+heap memory for reuse (:func:`diffjax.host_memory.keep_freed_memory`; ``--default-malloc`` turns it
+off), as diffjax's training loop does on the CPU backend.
+
+Run:   python experiments/bench_unet.py            (~15 min on 2 quiet CPU cores)
+       python experiments/bench_unet.py --quick    (8x8x1 at batch 8, no memory children: a smoke run)
+Writes experiments/results/bench_unet.json and .md (``bench_unet_quick.*`` with --quick); the .md
+ends with the table for the README.
 """
 
 from __future__ import annotations
@@ -45,8 +51,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffjax import parallel
 from diffjax.data import ImageDataset, Prefetcher
 from diffjax.guidance import classifier_free_guidance
+from diffjax.host_memory import keep_freed_memory
 from diffjax.models import UNet, count_params
+from diffjax.models.attention import resolve_attention_fn
 from diffjax.models.diffusers_names import diffusers_to_flax_params
+from diffjax.models.group_norm import resolve_norm_impl
 from diffjax.samplers import ddim_sample
 from diffjax.schedules import make_schedule
 from diffjax.training.state import create_train_state, make_optimizer
@@ -376,7 +385,7 @@ def write_markdown(result: dict) -> str:
     "",
     (
       f"| resolution | train steps/s jax / torch / torch{n}t | train ratio (vs torch{n}t) | MFU jax / torch | "
-      f"DDIM-50 CFG images/s jax / torch / torch{n}t | sampling ratio (vs torch{n}t) |"
+      f"DDIM-{st['sample_steps']} CFG images/s jax / torch / torch{n}t | sampling ratio (vs torch{n}t) |"
     ),
     "|---|---|---|---|---|---|",
   ]
@@ -415,7 +424,40 @@ def write_markdown(result: dict) -> str:
   ]
   if result["targets_vs_torch_ref"]:
     lines += ["", f"The same targets against torch{n}t: {met(result['targets_vs_torch_ref'])}."]
+  lines += ["", "## README table", "", *readme_table(result)]
   return "\n".join(lines) + "\n"
+
+
+def readme_table(result: dict) -> list[str]:
+  """The compact table for the README: diffjax vs PyTorch at the core count (and at the reference
+  thread count, in brackets, when timed), with MFU."""
+  st, mach = result["settings"], result["machine"]
+  t, n = st["torch_threads"], st["torch_ref_threads"]
+  ref = lambda d: f" ({d['ratio_vs_torch_ref']:.2f}x)" if "ratio_vs_torch_ref" in d else ""
+  vs = f" (vs {n} thread{'s' if n > 1 else ''})" if n else ""
+  rows = [
+    (
+      f"| resolution (batch {st['batch']}) | train steps/s diffjax / PyTorch ({t} threads) | train speed-up"
+      f"{vs} | diffjax MFU | DDIM-{st['sample_steps']} CFG images/s diffjax / "
+      f"diffusers | sampling speed-up{vs} |"
+    ),
+    "|---|---|---|---|---|---|",
+  ]
+  for res, r in result["resolutions"].items():
+    tr, sa = r["train"], r["sampling"]
+    rows.append(
+      f"| {res} | {tr['jax_steps_per_s']:.2f} / {tr['torch_steps_per_s']:.2f} | {tr['ratio']:.2f}x{ref(tr)} | "
+      f"{100 * tr['mfu_jax']:.0f}% | {sa['jax_images_per_s']:.2f} / {sa['torch_images_per_s']:.2f} | "
+      f"{sa['ratio']:.2f}x{ref(sa)} |"
+    )
+  rows += [
+    "",
+    (
+      f"{mach['cpu_count']} CPU cores, load average {mach['load_avg_start'][0]:.1f} at start; "
+      f"matmul peak {result['matmul']['peak_gflops']:.0f} GFLOP/s; `{result['command'].strip()}`."
+    ),
+  ]
+  return rows
 
 
 def main() -> None:
@@ -425,11 +467,12 @@ def main() -> None:
   ap.add_argument("--sample-batch", type=int, default=8, help="images per DDIM run (model batch 2x)")
   ap.add_argument("--sample-steps", type=int, default=50)
   ap.add_argument("--guidance", type=float, default=2.0)
-  ap.add_argument("--train-rounds", type=int, default=3)
+  ap.add_argument("--train-rounds", type=int, default=5)
   ap.add_argument("--train-steps", type=int, default=1, help="steps per run per round")
-  ap.add_argument("--sample-rounds", type=int, default=1)
+  ap.add_argument("--sample-rounds", type=int, default=3)
   ap.add_argument("--torch-ref-threads", type=int, default=1, help="also time torch with N threads; 0: off")
   ap.add_argument("--no-memory", action="store_true")
+  ap.add_argument("--default-malloc", action="store_true", help="keep glibc's default mmap/trim settings")
   ap.add_argument("--quick", action="store_true", help="tiny smoke run of the whole script")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -440,9 +483,11 @@ def main() -> None:
     torch.set_num_threads(1)  # memory does not depend on it, and a busy machine punishes 2 threads
     print(json.dumps(child_memory(fw, kind, res, args.batch, args.sample_batch)))
     return
+  if not args.default_malloc:
+    keep_freed_memory()  # before any large allocation; applies to both frameworks
   if args.quick:
-    args.resolutions, args.batch, args.sample_batch, args.sample_steps = "8x8x1", 4, 2, 3
-    args.train_rounds, args.train_steps, args.sample_rounds = 3, 1, 3
+    args.resolutions, args.batch, args.sample_batch, args.sample_steps = "8x8x1", 8, 2, 3
+    args.train_rounds, args.train_steps, args.sample_rounds, args.no_memory = 2, 1, 2, True
   # Memory children load the compiled executables from this cache. glibc returns blocks >= 64 KiB
   # to the OS when they are freed, so both frameworks' RSS follows their live memory.
   cache = tempfile.mkdtemp(prefix="bench_unet_xla_cache_")
@@ -452,15 +497,21 @@ def main() -> None:
   env["MALLOC_MMAP_THRESHOLD_"] = "65536"
   t_start = time.time()
   result = {
-    "command": "python experiments/bench_unet.py " + " ".join(sys.argv[1:]),
+    "command": ("python experiments/bench_unet.py " + " ".join(sys.argv[1:])).strip(),
     "machine": {
       "cpu_count": os.cpu_count(),
       "load_avg_start": os.getloadavg(),
       "backend": jax.default_backend(),
+      "malloc": "glibc default" if args.default_malloc else "keep_freed_memory",
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
     },
     "versions": {"jax": jax.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
     "settings": dict(vars(args), torch_threads=torch.get_num_threads(), arch=ARCH, num_classes=NUM_CLASSES),
-    "matmul": matmul_peak(256 if args.quick else 2048, 5),
+    "jax_impls": {
+      "attention": resolve_attention_fn("auto").__name__,
+      "norm": resolve_norm_impl("auto"),
+    },
+    "matmul": matmul_peak(512 if args.quick else 2048, 5),
     "resolutions": {},
   }
   print("matmul peak:", result["matmul"], flush=True)
@@ -490,6 +541,7 @@ def main() -> None:
   result["wall_s"] = time.time() - t_start
   result["targets"] = targets_met(result)
   result["targets_vs_torch_ref"] = targets_met(result, "ratio_vs_torch_ref")
+  result["readme_table"] = "\n".join(readme_table(result))
   os.makedirs(args.out, exist_ok=True)
   name = os.path.join(args.out, "bench_unet_quick" if args.quick else "bench_unet")
   with open(name + ".json", "w") as f:

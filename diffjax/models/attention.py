@@ -96,6 +96,7 @@ class AttentionBlock(nn.Module):
           ``None``; see :func:`resolve_attention_fn`.
       attention_fn: An explicit attention core with the signature of
           :func:`dot_product_attention` (overrides ``attention_impl``).
+      norm_impl: GroupNorm implementation (see :func:`diffjax.models.resnet.group_norm`).
   """
 
   attention_head_dim: int = 8
@@ -104,6 +105,7 @@ class AttentionBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
   attention_impl: str = "auto"
   attention_fn: AttentionFn | None = None
+  norm_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -123,7 +125,7 @@ class AttentionBlock(nn.Module):
       raise ValueError(f"channels ({c}) must be divisible by attention_head_dim ({self.attention_head_dim})")
     heads = c // self.attention_head_dim
 
-    n = group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "group_norm")(x)
+    n = group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "group_norm", impl=self.norm_impl)(x)
     n = n.reshape(b, h * w, c)
     q = nn.Dense(c, dtype=self.dtype, name="to_q")(n)
     k = nn.Dense(c, dtype=self.dtype, name="to_k")(n)

@@ -10,8 +10,12 @@ Semantics follow diffusers' ``ResnetBlock2D``, ``Downsample2D`` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import flax.linen as nn
 import jax.numpy as jnp
+
+from diffjax.models.group_norm import GroupNorm, resolve_norm_impl
 
 __all__ = ["group_norm", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
 
@@ -21,27 +25,31 @@ __all__ = ["group_norm", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
 PAD1 = ((1, 1), (1, 1))
 
 
-def group_norm(num_groups: int, eps: float, dtype: jnp.dtype, name: str) -> nn.GroupNorm:
-  """GroupNorm matching ``torch.nn.GroupNorm(num_groups, C, eps)``.
+def group_norm(
+  num_groups: int, eps: float, dtype: jnp.dtype, name: str, *, impl: str = "xla", silu: bool = False
+) -> Callable[[jnp.ndarray], jnp.ndarray]:
+  """GroupNorm matching ``torch.nn.GroupNorm(num_groups, C, eps)``, optionally followed by SiLU.
 
-  Statistics are reduced in float32 with the two-pass variance for accuracy.
+  Statistics are reduced in float32 with the two-pass variance for accuracy. Both implementations
+  create the parameters ``{name}/scale`` and ``{name}/bias`` and compute the same function.
 
   Args:
       num_groups: Number of channel groups.
       eps: Variance epsilon.
       dtype: Compute dtype of the output.
       name: Submodule name.
+      impl: ``"xla"`` (``nn.GroupNorm``), ``"fused"``
+          (:class:`diffjax.models.group_norm.GroupNorm`, per-channel reductions and a hand-written
+          VJP, faster on XLA:CPU) or ``"auto"`` (fused on the CPU backend).
+      silu: Apply SiLU to the output (fused into the normalisation with ``"fused"``).
 
   Returns:
-      An unbound ``nn.GroupNorm``.
+      A callable ``[B, ..., C] -> [B, ..., C]`` (the module, bound on first call).
   """
-  return nn.GroupNorm(
-    num_groups=num_groups,
-    epsilon=eps,
-    dtype=dtype,
-    use_fast_variance=False,
-    name=name,
-  )
+  if resolve_norm_impl(impl) == "fused":
+    return GroupNorm(num_groups=num_groups, epsilon=eps, dtype=dtype, silu=silu, name=name)
+  norm = nn.GroupNorm(num_groups=num_groups, epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+  return (lambda x: nn.silu(norm(x))) if silu else norm
 
 
 def conv3x3(features: int, dtype: jnp.dtype, name: str, strides: int = 1) -> nn.Conv:
@@ -62,6 +70,7 @@ class ResnetBlock2D(nn.Module):
       norm_eps: GroupNorm epsilon.
       dropout: Dropout rate before ``conv2`` (active only when ``train``).
       dtype: Compute dtype; parameters stay float32.
+      norm_impl: GroupNorm(+SiLU) implementation, see :func:`group_norm` (same parameters).
   """
 
   out_channels: int
@@ -69,6 +78,7 @@ class ResnetBlock2D(nn.Module):
   norm_eps: float = 1e-5
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  norm_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -83,15 +93,16 @@ class ResnetBlock2D(nn.Module):
     Returns:
         ``[B, H, W, C_out]`` feature map.
     """
-    h = group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "norm1")(x)
-    h = nn.silu(h)
+    norm = lambda name: group_norm(
+      self.norm_num_groups, self.norm_eps, self.dtype, name, impl=self.norm_impl, silu=True
+    )
+    h = norm("norm1")(x)
     h = conv3x3(self.out_channels, self.dtype, "conv1")(h)
 
     t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
     h = h + t[:, None, None, :]
 
-    h = group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "norm2")(h)
-    h = nn.silu(h)
+    h = norm("norm2")(h)
     h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
     h = conv3x3(self.out_channels, self.dtype, "conv2")(h)
 

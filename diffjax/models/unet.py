@@ -66,6 +66,9 @@ class UNet(nn.Module):
       remat: Rematerialise every ResNet and attention block (``nn.remat``):
           less activation memory for about one more forward pass of compute,
           for accelerators whose memory limits the batch. Same parameters.
+      norm_impl: GroupNorm implementation: ``"auto"`` (the fused per-channel form with a
+          hand-written VJP on CPU, Flax's elsewhere), ``"xla"`` or ``"fused"``; see
+          :mod:`diffjax.models.group_norm`. Same parameters and function either way.
       guidance_embedding: Adds a ``guidance_embedding`` subtree that embeds a per-example guidance
           weight w (call argument ``guidance``) into the time embedding, for students distilled from a
           classifier-free-guided teacher (:mod:`diffjax.distillation.guided`). Off by default; when
@@ -88,6 +91,7 @@ class UNet(nn.Module):
   attention_impl: str = "auto"
   remat: bool = False
   guidance_embedding: bool = False
+  norm_impl: str = "auto"
 
   @property
   def null_label(self) -> int:
@@ -217,6 +221,7 @@ class UNet(nn.Module):
       dtype=self.dtype,
       attention_impl=self.attention_impl,
       remat=self.remat,
+      norm_impl=self.norm_impl,
     )
 
     # 1. Time (+ class) embedding; sinusoidal features are always float32.
@@ -279,6 +284,7 @@ class UNet(nn.Module):
       raise RuntimeError(f"internal error: {len(skips)} unused skip connections")
 
     # 6. Head.
-    h = group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "conv_norm_out")(h)
-    h = nn.silu(h)
+    h = group_norm(
+      self.norm_num_groups, self.norm_eps, self.dtype, "conv_norm_out", impl=self.norm_impl, silu=True
+    )(h)
     return conv3x3(self.out_channels, self.dtype, "conv_out")(h)

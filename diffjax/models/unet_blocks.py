@@ -40,6 +40,7 @@ class _BlockLayers:
       norm_eps=self.norm_eps,
       dropout=self.dropout,
       dtype=self.dtype,
+      norm_impl=self.norm_impl,
       name=name,
     )
 
@@ -51,6 +52,7 @@ class _BlockLayers:
       norm_eps=self.norm_eps,
       dtype=self.dtype,
       attention_impl=self.attention_impl,
+      norm_impl=self.norm_impl,
       name=name,
     )
 
@@ -75,6 +77,7 @@ class DownBlock2D(_BlockLayers, nn.Module):
       attention_impl: Attention core (see
           :func:`diffjax.models.attention.resolve_attention_fn`).
       remat: Rematerialise the ResNet and attention sub-blocks.
+      norm_impl: GroupNorm implementation (see :func:`diffjax.models.resnet.group_norm`).
   """
 
   out_channels: int
@@ -88,6 +91,7 @@ class DownBlock2D(_BlockLayers, nn.Module):
   dtype: jnp.dtype = jnp.float32
   attention_impl: str = "auto"
   remat: bool = False
+  norm_impl: str = "auto"
 
   @nn.compact
   def __call__(
@@ -129,6 +133,7 @@ class UNetMidBlock2D(_BlockLayers, nn.Module):
       attention_impl: Attention core (see
           :func:`diffjax.models.attention.resolve_attention_fn`).
       remat: Rematerialise the ResNet and attention sub-blocks.
+      norm_impl: GroupNorm implementation (see :func:`diffjax.models.resnet.group_norm`).
   """
 
   attention_head_dim: int = 8
@@ -138,6 +143,7 @@ class UNetMidBlock2D(_BlockLayers, nn.Module):
   dtype: jnp.dtype = jnp.float32
   attention_impl: str = "auto"
   remat: bool = False
+  norm_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
@@ -177,6 +183,7 @@ class UpBlock2D(_BlockLayers, nn.Module):
       attention_impl: Attention core (see
           :func:`diffjax.models.attention.resolve_attention_fn`).
       remat: Rematerialise the ResNet and attention sub-blocks.
+      norm_impl: GroupNorm implementation (see :func:`diffjax.models.resnet.group_norm`).
   """
 
   out_channels: int
@@ -190,6 +197,7 @@ class UpBlock2D(_BlockLayers, nn.Module):
   dtype: jnp.dtype = jnp.float32
   attention_impl: str = "auto"
   remat: bool = False
+  norm_impl: str = "auto"
 
   @nn.compact
   def __call__(
