@@ -14,6 +14,8 @@
       [--reference-source digits|mnist_idx --reference-path P --reference-split train] [--out R.json] \
       [--workdir W]   # also the held-out NLL bound in bits/dim of the model trained in W
   python -m diffjax edit --workdir W --image IN.png --strength 0.6 [--label 3] [--mask M.png] --out S.npz
+  python -m diffjax edit --workdir W --prompt "a 3 to the left of a 5" --edit "a 3 to the left of a 8" \
+      [--cross-replace 0.8 --self-replace 0.4 --blend-words 8 --reweight WORD=SCALE] --out S.npz
 
 Bad input ends the program with one line ``error: ...`` naming what was wrong, and exit status 2.
 """
@@ -26,6 +28,7 @@ import sys
 
 import numpy as np
 
+from diffjax.cli_control import CONTROL_COMMANDS, add_control_parsers, cmd_control
 from diffjax.cli_edit import add_edit_parser, cmd_edit
 from diffjax.cli_pretrained import (
   DEFAULT_GUIDANCE,
@@ -358,7 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     help="timestep subset (default: uniform for ddim, trailing for dpm_solver++)",
   )
   s.add_argument(
-    "--guidance", type=float, default=None, help="classifier-free guidance scale (default 1 = none; 7.5 for --pretrained)"
+    "--guidance",
+    type=float,
+    default=None,
+    help="classifier-free guidance scale (default 1 = none; 7.5 for --pretrained)",
   )
   s.add_argument("--num", type=int, default=None, help="number of images")
   s.add_argument("--labels", default=None, help="comma-separated class labels, repeated to --num")
@@ -413,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
   )
   e.add_argument("--seed", type=int, default=0, help="noise seed of the likelihood bound")
   add_edit_parser(sub)
+  add_control_parsers(sub)
   return p
 
 
@@ -425,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
       return cmd_train(args, overrides)
     if args.command == "distill":
       return cmd_distill(args, overrides)
+    if args.command in CONTROL_COMMANDS:
+      return cmd_control(args, overrides)
     if overrides:
       raise ValueError(f"--config.* overrides only apply to `train` and `distill`, got {sorted(overrides)}")
     if args.command == "train-judge":

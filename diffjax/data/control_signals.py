@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
   "CONTROL_KINDS",
@@ -31,7 +32,7 @@ __all__ = [
 
 CONTROL_KINDS = ("edges", "low_res", "masked")
 
-_SOBEL_X = jnp.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+_SOBEL_X = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])  # static taps
 
 
 def _check_images(images, name: str = "images") -> jnp.ndarray:

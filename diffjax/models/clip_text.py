@@ -145,11 +145,14 @@ class _Embeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids: jnp.ndarray) -> jnp.ndarray:
     init = nn.initializers.normal(0.02)
+
     def embed(num: int, name: str) -> nn.Embed:
       return nn.Embed(num, self.hidden_size, embedding_init=init, dtype=self.dtype, name=name)
 
     tokens = embed(self.vocab_size, "token_embedding")(input_ids)
-    return tokens + embed(self.max_position_embeddings, "position_embedding")(jnp.arange(input_ids.shape[1]))[None]
+    return (
+      tokens + embed(self.max_position_embeddings, "position_embedding")(jnp.arange(input_ids.shape[1]))[None]
+    )
 
 
 class CLIPTextModel(nn.Module):
@@ -215,7 +218,9 @@ class CLIPTextModel(nn.Module):
       raise ValueError(f"input_ids must be int [B, L], got shape {input_ids.shape}")
     b, length = input_ids.shape
     if length > self.max_position_embeddings:
-      raise ValueError(f"input_ids length {length} exceeds max_position_embeddings={self.max_position_embeddings}")
+      raise ValueError(
+        f"input_ids length {length} exceeds max_position_embeddings={self.max_position_embeddings}"
+      )
     if self.hidden_size % self.num_attention_heads:
       raise ValueError(
         f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
@@ -245,7 +250,9 @@ class CLIPTextModel(nn.Module):
     )(x, bias, self.num_hidden_layers - clip_skip)
     x = _layer_norm(self.layer_norm_eps, self.dtype, "final_layer_norm")(x)
     ids = input_ids.astype(jnp.int32)
-    where = jnp.argmax(ids, axis=-1) if self.eos_token_id == 2 else jnp.argmax(ids == self.eos_token_id, axis=-1)
+    where = (
+      jnp.argmax(ids, axis=-1) if self.eos_token_id == 2 else jnp.argmax(ids == self.eos_token_id, axis=-1)
+    )
     return x, x[jnp.arange(b), where]
 
 

@@ -33,7 +33,9 @@ from tokenizers.models import BPE
 
 __all__ = ["CLIP_PATTERN", "CLIPTokenizer"]
 
-CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+CLIP_PATTERN = (
+  r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
 _DEFAULTS = {
   "bos_token": "<|startoftext|>",
   "eos_token": "<|endoftext|>",
@@ -115,7 +117,12 @@ class CLIPTokenizer:
     name: str = "CLIP tokenizer",
   ):
     vocab = {str(k): int(v) for k, v in vocab.items()}
-    specials = {"bos_token": bos_token, "eos_token": eos_token, "unk_token": unk_token, "pad_token": pad_token}
+    specials = {
+      "bos_token": bos_token,
+      "eos_token": eos_token,
+      "unk_token": unk_token,
+      "pad_token": pad_token,
+    }
     missing = [f"{k}={v!r}" for k, v in specials.items() if v not in vocab]
     if missing:
       raise ValueError(f"{name}: special tokens {', '.join(missing)} are not in the vocabulary")
@@ -182,7 +189,9 @@ class CLIPTokenizer:
     elif (path / "tokenizer.json").is_file():
       vocab, merges = _bpe_from_tokenizer_json(path / "tokenizer.json")
     else:
-      raise FileNotFoundError(f"CLIP tokenizer directory '{path}' has neither vocab.json + merges.txt nor tokenizer.json")
+      raise FileNotFoundError(
+        f"CLIP tokenizer directory '{path}' has neither vocab.json + merges.txt nor tokenizer.json"
+      )
     settings: dict[str, Any] = {}
     for fname in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins
       if (path / fname).is_file():
@@ -207,17 +216,42 @@ class CLIPTokenizer:
     merges = "".join(f"{a} {b}\n" for a, b in self.merges)
     (path / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
     (path / "special_tokens_map.json").write_text(json.dumps(self.special_tokens, indent=2), encoding="utf-8")
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.model_max_length, **self.special_tokens}
+    config = {
+      "tokenizer_class": "CLIPTokenizer",
+      "model_max_length": self.model_max_length,
+      **self.special_tokens,
+    }
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
   def __repr__(self) -> str:
-    return f"CLIPTokenizer({self.name!r}, vocab_size={self.vocab_size}, model_max_length={self.model_max_length})"
+    return (
+      f"CLIPTokenizer({self.name!r}, vocab_size={self.vocab_size}, model_max_length={self.model_max_length})"
+    )
 
   def tokenize(self, prompt: str) -> list[str]:
     """BPE tokens of one prompt without the special start/end tokens (for inspection)."""
     if not isinstance(prompt, str):
       raise ValueError(f"prompt must be a string, got {type(prompt).__name__}: {prompt!r}")  # noqa: TRY004
     return list(self._tokenizer.encode(prompt, add_special_tokens=False).tokens)
+
+  def words(self, prompt: str) -> list[tuple[str, tuple[int, ...]]]:
+    """The words of one prompt and the positions of their tokens in its id row (start token at 0).
+
+    Words are CLIP's pre-tokenized pieces (letter runs, single digits, punctuation runs), e.g.
+    ``words("a red fox")`` is ``[("a", (1,)), ("red", (2,)), ("fox", (3,))]`` when each is one BPE token.
+    Used by prompt-to-prompt's token alignment (:mod:`diffjax.editing.token_alignment`).
+    """
+    if not isinstance(prompt, str):
+      raise ValueError(f"prompt must be a string, got {type(prompt).__name__}: {prompt!r}")  # noqa: TRY004
+    enc = self._tokenizer.encode(prompt, add_special_tokens=False)
+    positions: dict[int, list[int]] = {}
+    for pos, word in enumerate(enc.word_ids):
+      if word is not None:
+        positions.setdefault(word, []).append(pos + 1)
+    return [
+      (prompt[enc.offsets[p[0] - 1][0] : enc.offsets[p[-1] - 1][1]], tuple(p))
+      for _, p in sorted(positions.items())
+    ]
 
   def encode(
     self, prompts: Sequence[str], *, max_length: int | None = None, truncate: bool = True

@@ -370,8 +370,8 @@ def controlnet_params_from_unet(controlnet_params: Mapping[str, Any], unet_param
       continue
     if name not in unet_params:
       raise ValueError(f"unet_params has no {name!r} subtree: the ControlNet was built for another U-Net")
-    want = jax.tree.map(jnp.shape, sub)
-    got = jax.tree.map(jnp.shape, unet_params[name])
+    want = jax.tree.map(lambda a: tuple(a.shape), sub)
+    got = jax.tree.map(lambda a: tuple(a.shape), unet_params[name])
     if want != got:
       raise ValueError(
         f"unet_params[{name!r}] does not have the ControlNet's shapes: the U-Net's architecture differs"

@@ -105,6 +105,25 @@ class PromptTokenizer:
       raise ValueError(f"prompt must be a string, got {type(prompt).__name__}: {prompt!r}")  # noqa: TRY004
     return list(self._tokenizer.encode(prompt).tokens)
 
+  def words(self, prompt: str) -> list[tuple[str, tuple[int, ...]]]:
+    """The words of one prompt and the positions of their tokens in :meth:`tokenize`'s list.
+
+    Words are the tokenizer's pre-tokenized words (whitespace- and punctuation-separated); special tokens
+    belong to no word. E.g. ``words("a zigzag 5")`` is ``[("a", (1,)), ("zigzag", (2, 3, 4)), ("5", (5,))]``
+    when ``zigzag`` is split into three word pieces after ``[CLS]``.
+    """
+    if not isinstance(prompt, str):
+      raise ValueError(f"prompt must be a string, got {type(prompt).__name__}: {prompt!r}")  # noqa: TRY004
+    enc = self._tokenizer.encode(prompt)
+    positions: dict[int, list[int]] = {}
+    for pos, word in enumerate(enc.word_ids):
+      if word is not None:
+        positions.setdefault(word, []).append(pos)
+    return [
+      (prompt[enc.offsets[p[0]][0] : enc.offsets[p[-1]][1]], tuple(p))
+      for _, p in sorted(positions.items())
+    ]
+
   def encode(
     self, prompts: Sequence[str], *, max_length: int, truncate: bool = False
   ) -> tuple[np.ndarray, np.ndarray]:

@@ -117,6 +117,7 @@ def unet_condition_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     "use_linear_projection": bool(config.get("use_linear_projection", False)),
     "norm_num_groups": int(config.get("norm_num_groups", 32)),
     "norm_eps": float(config.get("norm_eps", 1e-5)),
+    "dropout": float(config.get("dropout", 0.0)),
     "flip_sin_to_cos": bool(config.get("flip_sin_to_cos", True)),
     "freq_shift": float(config.get("freq_shift", 0)),
   }

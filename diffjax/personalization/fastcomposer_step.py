@@ -33,7 +33,7 @@ from diffjax.models.attention_control import ATTENTION_MAPS, cross_attention_map
 from diffjax.models.subject_encoder import SubjectEncoder, SubjectFuser
 from diffjax.personalization.fastcomposer import fuse_subjects, localization_loss
 from diffjax.schedules import Schedule
-from diffjax.training.state import TrainState, ema_update
+from diffjax.training.state import TrainState, apply_update
 
 __all__ = ["layer_filter", "make_fastcomposer_train_step", "subject_context"]
 
@@ -185,25 +185,7 @@ def make_fastcomposer_train_step(
       return denoise + localization_weight * loc, (denoise, loc)
 
     (loss, (denoise, loc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def update(_):
-      updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-      new_params = optax.apply_updates(state.params, updates)
-      new_ema = ema_update(state.ema_params, new_params, decay=ema_decay, step=state.step)
-      return new_params, new_ema, new_opt_state
-
-    new_params, new_ema, new_opt_state = jax.lax.cond(
-      ok, update, lambda _: (state.params, state.ema_params, state.opt_state), None
-    )
-    new_state = TrainState(
-      step=state.step + 1,
-      params=new_params,
-      ema_params=new_ema,
-      opt_state=new_opt_state,
-      skipped=state.skipped + (~ok).astype(jnp.int32),
-    )
+    new_state, grad_norm = apply_update(state, grads, loss, tx=tx, ema_decay=ema_decay)
     metrics = {
       "loss": loss,
       "denoise_loss": denoise,

@@ -55,7 +55,9 @@ def unet2d_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
   for key, allowed in _UNET2D_REQUIRED.items():
     if config.get(key) is not None and config[key] not in allowed:
       problems.append(f"{key}={config[key]!r} (supported: {allowed})")
-  problems += [f"{key}={config[key]!r} (must be None)" for key in _UNET2D_ABSENT if config.get(key) is not None]
+  problems += [
+    f"{key}={config[key]!r} (must be None)" for key in _UNET2D_ABSENT if config.get(key) is not None
+  ]
   chans = tuple(int(c) for c in config.get("block_out_channels", (224, 448, 672, 896)))
   down = tuple(config.get("down_block_types", ()))
   up = tuple(config.get("up_block_types", ()))
@@ -78,6 +80,7 @@ def unet2d_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     "attention_head_dim": int(head_dim),
     "norm_num_groups": int(config.get("norm_num_groups", 32)),
     "norm_eps": float(config.get("norm_eps", 1e-5)),
+    "dropout": float(config.get("dropout", 0.0)),
     "num_classes": None if n_cls is None else int(n_cls) - 1,
     "flip_sin_to_cos": bool(config.get("flip_sin_to_cos", True)),
     "freq_shift": float(config.get("freq_shift", 0)),
@@ -91,12 +94,14 @@ def unet2d_config(module: UNet, *, sample_size: int | None = None) -> dict[str, 
       ValueError: If the module has a guidance embedding (not a ``UNet2DModel`` option).
   """
   if module.guidance_embedding:
-    raise ValueError("a UNet with guidance_embedding=True has no UNet2DModel equivalent; it cannot be exported")
+    raise ValueError(
+      "a UNet with guidance_embedding=True has no UNet2DModel equivalent; it cannot be exported"
+    )
   levels = tuple(bool(a) for a in module.attention_levels)
   return {
     "_class_name": "UNet2DModel",
     "_diffusers_version": DIFFUSERS_VERSION,
-    "sample_size": sample_size,
+    **({} if sample_size is None else {"sample_size": int(sample_size)}),
     "in_channels": module.in_channels,
     "out_channels": module.out_channels,
     "block_out_channels": [int(c) for c in module.block_out_channels],
@@ -134,7 +139,7 @@ def unet_condition_config(
   return {
     "_class_name": "UNet2DConditionModel",
     "_diffusers_version": DIFFUSERS_VERSION,
-    "sample_size": sample_size,
+    **({} if sample_size is None else {"sample_size": int(sample_size)}),
     "in_channels": module.in_channels,
     "out_channels": module.out_channels,
     "block_out_channels": [int(c) for c in module.block_out_channels],
@@ -174,7 +179,7 @@ def autoencoder_config(
   return {
     "_class_name": "AutoencoderKL",
     "_diffusers_version": DIFFUSERS_VERSION,
-    "sample_size": sample_size,
+    **({} if sample_size is None else {"sample_size": int(sample_size)}),
     "in_channels": module.in_channels,
     "out_channels": module.out_channels,
     "block_out_channels": [int(c) for c in module.block_out_channels],

@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
@@ -25,8 +24,14 @@ from diffjax.models.controlnet import ControlNet
 from diffjax.models.controlnet_names import controlnet_kwargs
 from diffjax.models.unet_condition import UNetCondition
 from diffjax.pretrained.configs import DIFFUSERS_VERSION, unet_condition_config
-from diffjax.pretrained.files import DIFFUSERS_WEIGHTS, read_json, read_safetensors, weights_files, write_model
-from diffjax.pretrained.loader import LoadedModel
+from diffjax.pretrained.files import (
+  DIFFUSERS_WEIGHTS,
+  read_json,
+  read_safetensors,
+  weights_files,
+  write_model,
+)
+from diffjax.pretrained.loader import LoadedModel, init_shapes
 from diffjax.pretrained.state_dicts import to_params, to_state_dict
 
 __all__ = ["controlled_unet_fn", "controlnet_config", "load_controlnet", "save_controlnet"]
@@ -58,11 +63,16 @@ def load_controlnet(path: str | os.PathLike, *, variant: str | None = None, dtyp
     raise ValueError(f"{path / 'config.json'}: {err}") from err
   dim = config.get("cross_attention_dim", 1280)
   if not isinstance(dim, int):
-    raise ValueError(f"{path / 'config.json'}: cross_attention_dim={dim!r} is not supported (one int)")
+    raise ValueError(f"{path / 'config.json'}: cross_attention_dim={dim!r} is not supported (one int)")  # noqa: TRY004
   f, g = 2 ** (len(tuple(module.block_out_channels)) - 1), module.conditioning_factor
-  x, ctx = jnp.zeros((1, f, f, module.in_channels)), jnp.zeros((1, 1, dim))
-  img = jnp.zeros((1, f * g, f * g, module.conditioning_channels))
-  template = jax.eval_shape(module.init, jax.random.key(0), x, jnp.zeros((1,)), ctx, img)["params"]
+  f32 = "float32"
+  template = init_shapes(
+    module,
+    ((1, f, f, module.in_channels), f32),
+    ((1,), f32),
+    ((1, 1, dim), f32),
+    ((1, f * g, f * g, module.conditioning_channels), f32),
+  )
   files = weights_files(path, stem=DIFFUSERS_WEIGHTS, variant=variant)
   what = f"ControlNetModel weights {', '.join(str(p) for p in files)}"
   params = to_params(read_safetensors(files), template=template, what=what)
@@ -71,13 +81,24 @@ def load_controlnet(path: str | os.PathLike, *, variant: str | None = None, dtyp
 
 def controlnet_config(module: ControlNet, *, cross_attention_dim: int) -> dict[str, Any]:
   """The diffusers ``ControlNetModel`` config of a :class:`~diffjax.models.controlnet.ControlNet`."""
-  fields = ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_levels", "num_attention_heads",
-            "transformer_layers_per_block", "use_linear_projection", "position_embedding", "norm_num_groups",
-            "norm_eps", "flip_sin_to_cos", "freq_shift")  # fmt: skip
+  fields = (
+    "in_channels",
+    "block_out_channels",
+    "layers_per_block",
+    "cross_attention_levels",
+    "num_attention_heads",
+    "transformer_layers_per_block",
+    "use_linear_projection",
+    "position_embedding",
+    "norm_num_groups",
+    "norm_eps",
+    "flip_sin_to_cos",
+    "freq_shift",
+  )
   base = UNetCondition(out_channels=module.in_channels, **{k: getattr(module, k) for k in fields})
   unet = unet_condition_config(base, cross_attention_dim=cross_attention_dim)
   for key in ("up_block_types", "out_channels", "sample_size", "dropout"):
-    unet.pop(key)
+    unet.pop(key, None)
   return {
     **unet,
     "_class_name": "ControlNetModel",
@@ -111,7 +132,9 @@ def save_controlnet(
     flat = traverse_util.flatten_dict(params)
     dims = {int(v.shape[0]) for k, v in flat.items() if k[-3:] == ("attn2", "to_k", "kernel")}
     if len(dims) != 1:
-      raise ValueError(f"cannot read the context width from the ControlNet's attn2/to_k kernels ({sorted(dims)})")
+      raise ValueError(
+        f"cannot read the context width from the ControlNet's attn2/to_k kernels ({sorted(dims)})"
+      )
     config = controlnet_config(module, cross_attention_dim=dims.pop())
   return write_model(directory, config=config, tensors=to_state_dict(params), stem=DIFFUSERS_WEIGHTS)
 
@@ -121,10 +144,11 @@ def controlled_unet_fn(unet: UNetCondition, controlnet: ControlNet) -> Callable:
 
   ``params`` holds ``"unet"`` and ``"controlnet"`` trees; ``cond = (context [B, L, D], image [B, H, W, 3]
   in [0, 1], conditioning_scale [B])``. As in diffusers' ControlNet pipeline, the image is used as is (no
-  normalisation to ``[-1, 1]``) and every residual is multiplied by the scale.
+  normalisation to ``[-1, 1]``) and every residual is multiplied by the scale. ``attention_control``
+  (:mod:`diffjax.models.attention_control`) reaches the U-Net's attention layers only.
   """
 
-  def model_fn(params, z, t, cond):
+  def model_fn(params, z, t, cond, *, attention_control=None):
     context, image, scale = cond
     down, mid = controlnet.apply(
       {"params": params["controlnet"]}, z, t, context, image, conditioning_scale=scale
@@ -136,6 +160,7 @@ def controlled_unet_fn(unet: UNetCondition, controlnet: ControlNet) -> Callable:
       context,
       down_block_additional_residuals=down,
       mid_block_additional_residual=mid,
+      attention_control=attention_control,
     )
 
   return model_fn

@@ -28,19 +28,73 @@ from diffjax.models.autoencoder import AutoencoderKL
 from diffjax.models.clip_text import CLIPTextModel, clip_text_config
 from diffjax.models.unet import UNet
 from diffjax.models.unet_condition import UNetCondition
-from diffjax.pretrained.configs import DIFFUSERS_VERSION, autoencoder_config, unet2d_config, unet_condition_config
+from diffjax.pretrained.configs import (
+  DIFFUSERS_VERSION,
+  autoencoder_config,
+  unet2d_config,
+  unet_condition_config,
+)
 from diffjax.pretrained.files import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, write_json, write_model
 from diffjax.pretrained.loader import StableDiffusion
 from diffjax.pretrained.state_dicts import to_state_dict
 
-__all__ = ["save_pipeline", "save_text_encoder", "save_unet", "save_unet2d", "save_vae"]
+__all__ = [
+  "save_pipeline",
+  "save_text_encoder",
+  "save_unet",
+  "save_unet2d",
+  "save_unet2d_pipeline",
+  "save_vae",
+  "scheduler_config",
+]
+
+_PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+
+def scheduler_config(
+  kind: str, *, num_timesteps: int, prediction: str = "eps", clip_sample: bool = True
+) -> dict[str, Any]:
+  """A diffusers ``DDIMScheduler`` config with the schedule of :func:`diffjax.schedules.make_schedule`.
+
+  ``linear`` (diffjax rescales DDPM's 1e-4 .. 0.02 by ``1000 / T``), ``cosine`` (``squaredcos_cap_v2``,
+  the same formula) and ``scaled_linear`` (0.00085 .. 0.012) with diffjax's default betas; timesteps
+  ``leading`` with no offset and a final alpha-bar of 1, which are diffjax's ``uniform`` DDIM timesteps
+  whenever the step count divides ``T``.
+
+  Raises:
+      ValueError: On an unknown kind or prediction.
+  """
+  if prediction not in _PREDICTION_TYPES:
+    raise ValueError(f"prediction={prediction!r} is not one of {tuple(_PREDICTION_TYPES)}")
+  T = int(num_timesteps)
+  betas = {
+    "linear": {"beta_schedule": "linear", "beta_start": 1e-4 * 1000 / T, "beta_end": 0.02 * 1000 / T},
+    "cosine": {"beta_schedule": "squaredcos_cap_v2"},
+    "scaled_linear": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+  }
+  if kind not in betas:
+    raise ValueError(f"kind={kind!r} is not one of {tuple(betas)}")
+  return {
+    "_class_name": "DDIMScheduler",
+    "_diffusers_version": DIFFUSERS_VERSION,
+    "num_train_timesteps": T,
+    **betas[kind],
+    "prediction_type": _PREDICTION_TYPES[prediction],
+    "clip_sample": bool(clip_sample),
+    "clip_sample_range": 1.0,
+    "set_alpha_to_one": True,
+    "steps_offset": 0,
+    "timestep_spacing": "leading",
+  }
 
 
 def _context_dim(params: Any) -> int:
   flat = traverse_util.flatten_dict(params)
   dims = {int(v.shape[0]) for k, v in flat.items() if k[-3:] == ("attn2", "to_k", "kernel")}
   if len(dims) != 1:
-    raise ValueError(f"cannot read the context width from the U-Net's attn2/to_k kernels (found {sorted(dims)})")
+    raise ValueError(
+      f"cannot read the context width from the U-Net's attn2/to_k kernels (found {sorted(dims)})"
+    )
   return dims.pop()
 
 
@@ -86,6 +140,40 @@ def save_unet2d(
   """Writes a :class:`~diffjax.models.UNet` as a ``UNet2DModel`` folder (arguments as :func:`save_unet`)."""
   config = config if config is not None else unet2d_config(module, sample_size=sample_size)
   return write_model(directory, config=config, tensors=to_state_dict(params), stem=DIFFUSERS_WEIGHTS)
+
+
+def save_unet2d_pipeline(
+  directory: str | os.PathLike,
+  *,
+  module: UNet,
+  params: Any,
+  schedule: str,
+  num_timesteps: int,
+  prediction: str = "eps",
+  sample_size: int | None = None,
+) -> Path:
+  """Writes a diffjax pixel U-Net and its schedule as a diffusers ``DDIMPipeline`` directory.
+
+  ``unet/`` (``UNet2DModel``), ``scheduler/`` (:func:`scheduler_config`) and ``model_index.json``; a
+  class-conditional U-Net keeps its null class as the last class embedding (``num_class_embeds =
+  num_classes + 1``) for classifier-free guidance.
+
+  Returns:
+      The directory.
+  """
+  directory = Path(directory)
+  save_unet2d(directory / "unet", module=module, params=params, sample_size=sample_size)
+  (directory / "scheduler").mkdir(parents=True, exist_ok=True)
+  config = scheduler_config(schedule, num_timesteps=num_timesteps, prediction=prediction)
+  write_json(directory / "scheduler" / "scheduler_config.json", config)
+  index = {
+    "_class_name": "DDIMPipeline",
+    "_diffusers_version": DIFFUSERS_VERSION,
+    "unet": ["diffusers", "UNet2DModel"],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+  }
+  write_json(directory / "model_index.json", index)
+  return directory
 
 
 def save_vae(
@@ -137,7 +225,9 @@ def save_text_encoder(
   return write_model(directory, config=config, tensors=to_state_dict(params), stem=TRANSFORMERS_WEIGHTS)
 
 
-def save_pipeline(sd: StableDiffusion, directory: str | os.PathLike, *, params: Mapping[str, Any] | None = None) -> Path:
+def save_pipeline(
+  sd: StableDiffusion, directory: str | os.PathLike, *, params: Mapping[str, Any] | None = None
+) -> Path:
   """Writes a whole Stable-Diffusion pipeline directory.
 
   Args:
@@ -152,8 +242,15 @@ def save_pipeline(sd: StableDiffusion, directory: str | os.PathLike, *, params: 
   """
   directory = Path(directory)
   params = dict(params or {})
-  save_unet(directory / "unet", module=sd.unet.module, params=params.get("unet", sd.unet.params), config=sd.unet.config)
-  save_vae(directory / "vae", module=sd.vae.module, params=params.get("vae", sd.vae.params), config=sd.vae.config)
+  save_unet(
+    directory / "unet",
+    module=sd.unet.module,
+    params=params.get("unet", sd.unet.params),
+    config=sd.unet.config,
+  )
+  save_vae(
+    directory / "vae", module=sd.vae.module, params=params.get("vae", sd.vae.params), config=sd.vae.config
+  )
   save_text_encoder(
     directory / "text_encoder",
     module=sd.text_encoder.module,
@@ -176,7 +273,7 @@ def save_pipeline(sd: StableDiffusion, directory: str | os.PathLike, *, params: 
     "requires_safety_checker": False,
   }
   if sd.controlnet is not None:
-    from diffjax.pretrained.controlnet import save_controlnet  # noqa: PLC0415 (optional component)
+    from diffjax.pretrained.controlnet import save_controlnet
 
     save_controlnet(
       directory / "controlnet",

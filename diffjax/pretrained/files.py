@@ -61,7 +61,7 @@ def read_json(path: str | os.PathLike, *, what: str | None = None) -> dict[str, 
   except (json.JSONDecodeError, UnicodeDecodeError) as err:
     raise ValueError(f"{what}: '{path}' is not valid JSON ({err})") from err
   if not isinstance(data, dict):
-    raise ValueError(f"{what}: '{path}' must hold a JSON object, got {type(data).__name__}")
+    raise ValueError(f"{what}: '{path}' must hold a JSON object, got {type(data).__name__}")  # noqa: TRY004
   return data
 
 

@@ -18,6 +18,7 @@ Typical use::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -35,7 +36,13 @@ from diffjax.models.unet import UNet
 from diffjax.models.unet_condition import UNetCondition
 from diffjax.models.unet_condition_names import unet_condition_kwargs
 from diffjax.pretrained.configs import unet2d_kwargs
-from diffjax.pretrained.files import DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS, read_json, read_safetensors, weights_files
+from diffjax.pretrained.files import (
+  DIFFUSERS_WEIGHTS,
+  TRANSFORMERS_WEIGHTS,
+  read_json,
+  read_safetensors,
+  weights_files,
+)
 from diffjax.pretrained.scheduler import SchedulerConfig, scheduler_from_config
 from diffjax.pretrained.state_dicts import to_params
 
@@ -43,6 +50,7 @@ __all__ = [
   "PIPELINES",
   "LoadedModel",
   "StableDiffusion",
+  "init_shapes",
   "load_pipeline",
   "load_text_encoder",
   "load_unet",
@@ -150,19 +158,35 @@ def _load(
   files = weights_files(path, stem=stem, variant=variant)
   state = read_safetensors(files)
   if prefix:
-    state = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
+    state = {k.removeprefix(prefix): v for k, v in state.items()}
   what = f"{kind} weights {', '.join(str(f) for f in files)}"
   params = to_params(state, template=template(module, config), what=what, ignore=ignore)
   return LoadedModel(module=module, params=params, config=config)
 
 
+@functools.lru_cache(maxsize=64)
+def init_shapes(module: nn.Module, *inputs: tuple[tuple[int, ...], str]) -> Any:
+  """The parameter shapes of ``module`` (``jax.eval_shape`` of ``init``), cached per module and input shapes.
+
+  Args:
+      module: A hashable Flax module.
+      *inputs: ``(shape, dtype name)`` of each positional input of ``module.init``.
+
+  Returns:
+      The ``"params"`` tree of ``jax.ShapeDtypeStruct``.
+  """
+  args = [jnp.zeros(shape, dtype) for shape, dtype in inputs]
+  return jax.eval_shape(module.init, jax.random.key(0), *args)["params"]
+
+
 def _unet_template(module: UNetCondition, config: Mapping[str, Any]) -> Any:
   dim = config.get("cross_attention_dim", 1280)
   if not isinstance(dim, int):
-    raise ValueError(f"cross_attention_dim={dim!r} is not supported (one int: the text encoder's width)")
+    raise ValueError(f"cross_attention_dim={dim!r} is not supported (one int: the text encoder's width)")  # noqa: TRY004
   f = module.downsample_factor
-  x, ctx = jnp.zeros((1, f, f, module.in_channels)), jnp.zeros((1, 1, dim))
-  return jax.eval_shape(module.init, jax.random.key(0), x, jnp.zeros((1,)), ctx)["params"]
+  return init_shapes(
+    module, ((1, f, f, module.in_channels), "float32"), ((1,), "float32"), ((1, 1, dim), "float32")
+  )
 
 
 def load_unet(path: str | os.PathLike, *, variant: str | None = None, dtype=jnp.float32) -> LoadedModel:
@@ -198,8 +222,7 @@ def load_unet2d(path: str | os.PathLike, *, variant: str | None = None, dtype=jn
 
   def template(module: UNet, config: Mapping[str, Any]) -> Any:
     f = module.downsample_factor
-    x = jnp.zeros((1, f, f, module.in_channels))
-    return jax.eval_shape(module.init, jax.random.key(0), x, jnp.zeros((1,)))["params"]
+    return init_shapes(module, ((1, f, f, module.in_channels), "float32"), ((1,), "float32"))
 
   return _load(
     path,
@@ -221,8 +244,7 @@ def load_vae(path: str | os.PathLike, *, variant: str | None = None, dtype=jnp.f
 
   def template(module: AutoencoderKL, config: Mapping[str, Any]) -> Any:
     f = module.downsample_factor
-    x = jnp.zeros((1, f, f, module.in_channels))
-    return jax.eval_shape(module.init, jax.random.key(0), x)["params"]
+    return init_shapes(module, ((1, f, f, module.in_channels), "float32"))
 
   return _load(
     path,
@@ -235,7 +257,9 @@ def load_vae(path: str | os.PathLike, *, variant: str | None = None, dtype=jnp.f
   )
 
 
-def load_text_encoder(path: str | os.PathLike, *, variant: str | None = None, dtype=jnp.float32) -> LoadedModel:
+def load_text_encoder(
+  path: str | os.PathLike, *, variant: str | None = None, dtype=jnp.float32
+) -> LoadedModel:
   """Loads a transformers ``CLIPTextModel`` folder (``config.json`` + ``model.safetensors``).
 
   Tensor names with or without the ``text_model.`` prefix of older checkpoints are accepted; the
@@ -246,7 +270,7 @@ def load_text_encoder(path: str | os.PathLike, *, variant: str | None = None, dt
   """
 
   def template(module: CLIPTextModel, config: Mapping[str, Any]) -> Any:
-    return jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    return init_shapes(module, ((1, 1), "int32"))
 
   return _load(
     path,
@@ -264,7 +288,9 @@ def load_text_encoder(path: str | os.PathLike, *, variant: str | None = None, dt
 def _check_index(path: Path, index: Mapping[str, Any]) -> None:
   name = index.get("_class_name")
   if name not in PIPELINES:
-    raise ValueError(f"'{path / 'model_index.json'}': pipeline {name!r} is not supported (supported: {PIPELINES})")
+    raise ValueError(
+      f"'{path / 'model_index.json'}': pipeline {name!r} is not supported (supported: {PIPELINES})"
+    )
   problems = []
   for key, value in index.items():
     if key.startswith("_") or key in _IGNORED:
@@ -325,11 +351,16 @@ def load_pipeline(
     raise ValueError(f"'{path / 'scheduler' / 'scheduler_config.json'}': {err}") from err
   net = None
   if controlnet is not None or "controlnet" in index:
-    from diffjax.pretrained.controlnet import load_controlnet  # noqa: PLC0415 (optional component)
+    from diffjax.pretrained.controlnet import load_controlnet
 
-    net = load_controlnet(path / "controlnet" if controlnet is None else controlnet, variant=variant, dtype=dtype)
+    net = load_controlnet(
+      path / "controlnet" if controlnet is None else controlnet, variant=variant, dtype=dtype
+    )
   problems = []
-  if unet.module.in_channels != vae.module.latent_channels or unet.module.out_channels != vae.module.latent_channels:
+  if (
+    unet.module.in_channels != vae.module.latent_channels
+    or unet.module.out_channels != vae.module.latent_channels
+  ):
     problems.append(
       f"the U-Net maps {unet.module.in_channels} -> {unet.module.out_channels} channels but the VAE's latents have "
       f"{vae.module.latent_channels}"
@@ -340,7 +371,9 @@ def load_pipeline(
       f"hidden_size={text.module.hidden_size}"
     )
   if tokenizer.vocab_size > text.module.vocab_size:
-    problems.append(f"the tokenizer has {tokenizer.vocab_size} ids, the text encoder only {text.module.vocab_size}")
+    problems.append(
+      f"the tokenizer has {tokenizer.vocab_size} ids, the text encoder only {text.module.vocab_size}"
+    )
   if tokenizer.model_max_length > text.module.max_position_embeddings:
     problems.append(
       f"tokenizer model_max_length={tokenizer.model_max_length} exceeds the text encoder's "

@@ -57,10 +57,16 @@ def pipeline_params(sd: StableDiffusion) -> dict[str, Any]:
 
 
 def make_unet_fn(sd: StableDiffusion) -> Callable:
-  """The denoiser as ``model_fn(params, z_t, t, cond) -> prediction``.
+  """The denoiser as ``model_fn(params, z_t, t, cond, *, attention_control=None) -> prediction``.
 
   ``params`` is the dict of :func:`pipeline_params`; ``cond`` is the context ``[B, L, D]``, or with a
   ControlNet the tuple ``(context, control_image [B, H, W, 3] in [0, 1], conditioning_scale [B])``.
+  ``attention_control`` (``(probs, info) -> probs``, see :mod:`diffjax.models.attention_control`) is
+  handed to every attention layer of the U-Net (not of the ControlNet), e.g. for prompt-to-prompt::
+
+      unet_fn = make_unet_fn(sd)
+      model_fn = lambda p, z, t, c: unet_fn(p, z, t, c, attention_control=control)
+      generate = make_text_to_image(sd, model_fn=model_fn)
   """
   return _unet_fn(sd.unet.module, None if sd.controlnet is None else sd.controlnet.module)
 
@@ -68,11 +74,11 @@ def make_unet_fn(sd: StableDiffusion) -> Callable:
 def _unet_fn(unet: nn.Module, controlnet: nn.Module | None) -> Callable:
   if controlnet is None:
 
-    def model_fn(params, z, t, cond):
-      return unet.apply({"params": params["unet"]}, z, t, cond)
+    def model_fn(params, z, t, cond, *, attention_control=None):
+      return unet.apply({"params": params["unet"]}, z, t, cond, attention_control=attention_control)
 
     return model_fn
-  from diffjax.pretrained.controlnet import controlled_unet_fn  # noqa: PLC0415 (optional component)
+  from diffjax.pretrained.controlnet import controlled_unet_fn
 
   return controlled_unet_fn(unet, controlnet)
 
@@ -115,7 +121,9 @@ class _Spec:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _text_to_image(spec: _Spec, params, schedule, key, latents, cond, null_cond, table, num_steps, guidance, eta):
+def _text_to_image(
+  spec: _Spec, params, schedule, key, latents, cond, null_cond, table, num_steps, guidance, eta
+):
   z = ddim_sample(
     model_fn=spec.guided(params, guidance, null_cond),
     params=None,
@@ -221,9 +229,19 @@ def make_text_to_image(sd: StableDiffusion, *, model_fn: Callable | None = None)
   spec, sched = _Spec.of(sd, model_fn), sd.scheduler
 
   def generate(
-    params, key, context, null_context, *, num_steps=50, guidance=7.5, eta=0.0, latents=None,
-    height=None, width=None, control=None,
-  ):  # fmt: skip
+    params,
+    key,
+    context,
+    null_context,
+    *,
+    num_steps=50,
+    guidance=7.5,
+    eta=0.0,
+    latents=None,
+    height=None,
+    width=None,
+    control=None,
+  ):
     context, null_context = _check_batch(context, null_context)
     b = context.shape[0]
     shape = (b, *_latent_shape(sd, height, width))
@@ -231,14 +249,25 @@ def make_text_to_image(sd: StableDiffusion, *, model_fn: Callable | None = None)
       latents = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
     latents = jnp.asarray(latents, jnp.float32)
     if latents.shape != shape:
-      raise ValueError(f"latents must be {list(shape)} for these prompts and this size, got {list(latents.shape)}")
+      raise ValueError(
+        f"latents must be {list(shape)} for these prompts and this size, got {list(latents.shape)}"
+      )
     if not 0.0 <= float(eta) <= 1.0:
       raise ValueError(f"eta must be in [0, 1], got {eta}")
     cond, null_cond = _conditions(sd, context, null_context, control, latents.shape)
     return _text_to_image(
-      spec, params, sched.schedule, jax.random.fold_in(key, 1), latents, cond, null_cond, sched.table(num_steps),
-      jnp.asarray(num_steps, jnp.int32), jnp.asarray(guidance, jnp.float32), jnp.asarray(eta, jnp.float32),
-    )  # fmt: skip
+      spec,
+      params,
+      sched.schedule,
+      jax.random.fold_in(key, 1),
+      latents,
+      cond,
+      null_cond,
+      sched.table(num_steps),
+      jnp.asarray(num_steps, jnp.int32),
+      jnp.asarray(guidance, jnp.float32),
+      jnp.asarray(eta, jnp.float32),
+    )
 
   return generate
 
@@ -274,9 +303,18 @@ def make_image_to_image(sd: StableDiffusion, *, model_fn: Callable | None = None
   spec, sched, vae = _Spec.of(sd, model_fn), sd.scheduler, sd.vae.module
 
   def edit(
-    params, key, images, context, null_context, *, strength=0.6, num_steps=50, guidance=7.5, eta=0.0,
+    params,
+    key,
+    images,
+    context,
+    null_context,
+    *,
+    strength=0.6,
+    num_steps=50,
+    guidance=7.5,
+    eta=0.0,
     control=None,
-  ):  # fmt: skip
+  ):
     context, null_context = _check_batch(context, null_context)
     images = jnp.asarray(images, jnp.float32)
     b = context.shape[0]
@@ -290,10 +328,19 @@ def make_image_to_image(sd: StableDiffusion, *, model_fn: Callable | None = None
     latent = (b, images.shape[1] // f, images.shape[2] // f, vae.latent_channels)
     cond, null_cond = _conditions(sd, context, null_context, control, latent)
     return _image_to_image(
-      spec, params, sched.schedule, key, images, cond, null_cond, sched.table(num_steps),
-      jnp.asarray(num_steps, jnp.int32), jnp.asarray(strength, jnp.float32), jnp.asarray(guidance, jnp.float32),
+      spec,
+      params,
+      sched.schedule,
+      key,
+      images,
+      cond,
+      null_cond,
+      sched.table(num_steps),
+      jnp.asarray(num_steps, jnp.int32),
+      jnp.asarray(strength, jnp.float32),
+      jnp.asarray(guidance, jnp.float32),
       jnp.asarray(eta, jnp.float32),
-    )  # fmt: skip
+    )
 
   return edit
 

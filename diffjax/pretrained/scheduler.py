@@ -194,13 +194,19 @@ def scheduler_from_config(config: Mapping[str, Any]) -> SchedulerConfig:
   T = cfg["num_train_timesteps"]
   if isinstance(T, bool) or not isinstance(T, int) or T < 2:
     problems.append(f"num_train_timesteps={T!r} (must be an int >= 2)")
-  if isinstance(cfg["steps_offset"], bool) or not isinstance(cfg["steps_offset"], int) or cfg["steps_offset"] < 0:
+  if (
+    isinstance(cfg["steps_offset"], bool)
+    or not isinstance(cfg["steps_offset"], int)
+    or cfg["steps_offset"] < 0
+  ):
     problems.append(f"steps_offset={cfg['steps_offset']!r} (must be an int >= 0)")
   if problems:
     raise ValueError("unsupported scheduler config:\n" + "\n".join(problems))
   betas = diffusers_betas(cfg)
   if not (np.all(betas > 0) and np.all(betas < 1)):
-    raise ValueError("scheduler config: betas must lie in (0, 1); check beta_start / beta_end / trained_betas")
+    raise ValueError(
+      "scheduler config: betas must lie in (0, 1); check beta_start / beta_end / trained_betas"
+    )
   # As torch: alphas = 1 - betas in float32, cumprod accumulated in float64 and stored as float32.
   alphas_cumprod = np.cumprod((np.float32(1.0) - betas).astype(np.float64)).astype(np.float32)
   schedule = schedule_from_betas(betas.astype(np.float64))

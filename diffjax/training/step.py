@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
@@ -20,7 +19,7 @@ from diffjax import parallel
 from diffjax.guidance import drop_labels
 from diffjax.losses import diffusion_loss
 from diffjax.schedules import Schedule
-from diffjax.training.state import TrainState, ema_update
+from diffjax.training.state import TrainState, apply_update
 
 
 def make_model_fn(model: nn.Module, *, train: bool = False, dropout_key: jax.Array | None = None):
@@ -85,28 +84,7 @@ def make_train_step(
       return loss
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def update(_):
-      updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-      new_params = optax.apply_updates(state.params, updates)
-      new_ema = ema_update(state.ema_params, new_params, decay=ema_decay, step=state.step)
-      return new_params, new_ema, new_opt_state
-
-    # A conditional rather than a select between new and old values: with the state donated, a select
-    # needs the old buffers after the new ones overwrote them, so XLA inserts a copy of nearly every
-    # state leaf (~1000 copies per step for the U-Net on CPU).
-    new_params, new_ema, new_opt_state = jax.lax.cond(
-      ok, update, lambda _: (state.params, state.ema_params, state.opt_state), None
-    )
-    new_state = TrainState(
-      step=state.step + 1,
-      params=new_params,
-      ema_params=new_ema,
-      opt_state=new_opt_state,
-      skipped=state.skipped + (~ok).astype(jnp.int32),
-    )
+    new_state, grad_norm = apply_update(state, grads, loss, tx=tx, ema_decay=ema_decay)
     metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": new_state.skipped}
     return new_state, metrics
 

@@ -21,7 +21,7 @@ from diffjax.losses import diffusion_loss
 from diffjax.models.text_encoder import TextTransformer
 from diffjax.schedules import Schedule
 from diffjax.text_conditioning import drop_condition, make_text_model_fn
-from diffjax.training.state import TrainState, ema_update
+from diffjax.training.state import TrainState, apply_update
 
 __all__ = ["make_text_train_step"]
 
@@ -84,27 +84,7 @@ def make_text_train_step(
       return loss
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def update(_):
-      updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-      new_params = optax.apply_updates(state.params, updates)
-      new_ema = ema_update(state.ema_params, new_params, decay=ema_decay, step=state.step)
-      return new_params, new_ema, new_opt_state
-
-    # A conditional, not a select between new and old values: with the state donated a select keeps the
-    # old buffers alive and XLA copies nearly every state leaf (see diffjax.training.step).
-    new_params, new_ema, new_opt_state = jax.lax.cond(
-      ok, update, lambda _: (state.params, state.ema_params, state.opt_state), None
-    )
-    new_state = TrainState(
-      step=state.step + 1,
-      params=new_params,
-      ema_params=new_ema,
-      opt_state=new_opt_state,
-      skipped=state.skipped + (~ok).astype(jnp.int32),
-    )
+    new_state, grad_norm = apply_update(state, grads, loss, tx=tx, ema_decay=ema_decay)
     return new_state, {"loss": loss, "grad_norm": grad_norm, "skipped": new_state.skipped}
 
   return train_step

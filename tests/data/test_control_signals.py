@@ -1,5 +1,6 @@
 """Control signals from images: Sobel/NMS edges, low resolution, masked digit, edge agreement."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ def test_edges_of_a_square_lie_on_its_border():
   assert thick[2, 6] == 1 and thick[3, 6] == 1
   assert thin[2:4, 6].sum() == 1 and thin[8:10, 6].sum() == 1
   assert thin.sum() < thick.sum()
+  np.testing.assert_array_equal(np.asarray(jax.jit(sobel_edges)(img))[0, ..., 0], thin)  # traceable
   # Flat regions (inside and outside) have no edges.
   assert thick[6, 6] == 0 and thick[0, 0] == 0
   # An image agrees perfectly with its own edges; an empty image has none in common with them.

@@ -59,7 +59,9 @@ def test_matches_transformers(tok_dir, tmp_path):
   ours.save_directory(tmp_path / "ours")
   np.testing.assert_array_equal(_ours(CLIPTokenizer.from_directory(tmp_path / "ours"), PROMPTS)[0], ids)
   again = transformers.CLIPTokenizer.from_pretrained(str(tmp_path / "ours"))
-  np.testing.assert_array_equal(again(PROMPTS, padding="max_length", max_length=16, truncation=True)["input_ids"], ids)
+  np.testing.assert_array_equal(
+    again(PROMPTS, padding="max_length", max_length=16, truncation=True)["input_ids"], ids
+  )
 
 
 def test_truncation_and_lengths(tok_dir):

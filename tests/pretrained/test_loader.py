@@ -4,7 +4,10 @@ Uses the session's tiny random-init Stable-Diffusion pipeline (tests/pretrained/
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 from diffjax.models import count_params
 from diffjax.pretrained.files import read_safetensors, weights_files
 from diffjax.pretrained.loader import load_pipeline, load_unet, load_vae
+from diffjax.pretrained.pipeline import make_unet_fn
 
 
 def _nchw(x):
@@ -48,8 +52,12 @@ def test_unet_parity(tiny_sd, tiny_loaded):
   ctx = rng.standard_normal((2, 16, 32)).astype(np.float32)
   t = np.array([1, 801])
   with torch.no_grad():
-    ref = _nhwc(pipe.unet(torch.from_numpy(_nchw(z)), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(ctx)).sample)
-  out = jax.jit(sd.unet.module.apply)({"params": params["unet"]}, z, t, ctx)
+    ref = _nhwc(
+      pipe.unet(
+        torch.from_numpy(_nchw(z)), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(ctx)
+      ).sample
+    )
+  out = make_unet_fn(sd)(params, z, t, ctx)  # eager: one call costs less than compiling it
   err = float(np.abs(np.asarray(out) - ref).max())
   print(f"UNet2DConditionModel max abs error {err:.1e} (output scale {np.abs(ref).max():.1f})")
   assert err < 1e-4
@@ -65,8 +73,7 @@ def test_vae_encode_decode_parity(tiny_sd, tiny_loaded):
     dist = pipe.vae.encode(torch.from_numpy(_nchw(x))).latent_dist
     dec = _nhwc(pipe.vae.decode(dist.mean).sample)
 
-  @jax.jit
-  def run(p, x):
+  def run(p, x):  # eager: one call costs less than compiling it
     post = vae.apply({"params": p}, x, method=vae.encode)
     return post.mean, post.logvar, vae.apply({"params": p}, post.mean, method=vae.decode)
 
@@ -123,7 +130,9 @@ def test_clear_errors(tiny_sd, tmp_path):
 def test_pipeline_level_errors(tiny_sd, tmp_path):
   path = _copy(tiny_sd.path, tmp_path / "pipe")
   index = json.loads((path / "model_index.json").read_text())
-  (path / "model_index.json").write_text(json.dumps({**index, "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
+  (path / "model_index.json").write_text(
+    json.dumps({**index, "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]})
+  )
   with pytest.raises(ValueError, match="component 'text_encoder_2'"):
     load_pipeline(path)
   (path / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
@@ -131,7 +140,9 @@ def test_pipeline_level_errors(tiny_sd, tmp_path):
     load_pipeline(path)
   (path / "model_index.json").write_text(json.dumps(index))
   sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-  (path / "scheduler" / "scheduler_config.json").write_text(json.dumps({**sched, "timestep_spacing": "karras"}))
+  (path / "scheduler" / "scheduler_config.json").write_text(
+    json.dumps({**sched, "timestep_spacing": "karras"})
+  )
   with pytest.raises(ValueError, match="timestep_spacing='karras'"):
     load_pipeline(path)
 
@@ -149,7 +160,9 @@ def test_bfloat16_and_shards(tiny_sd, tmp_path):
   for fname, keys in shards.items():
     st.save_file({k: half[k] for k in keys}, str(vae / f"diffusion_pytorch_model.bf16-{fname}"))
   weight_map = {k: f"diffusion_pytorch_model.bf16-{f}" for f, keys in shards.items() for k in keys}
-  (vae / "diffusion_pytorch_model.bf16.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  (vae / "diffusion_pytorch_model.bf16.safetensors.index.json").write_text(
+    json.dumps({"weight_map": weight_map})
+  )
   files = weights_files(vae, stem="diffusion_pytorch_model", variant="bf16")
   read = read_safetensors(files)
   for k in names:
@@ -157,3 +170,21 @@ def test_bfloat16_and_shards(tiny_sd, tmp_path):
   loaded = load_vae(vae, variant="bf16", dtype=jnp.bfloat16)
   assert loaded.module.dtype == jnp.bfloat16
   assert jax.tree.leaves(loaded.params)[0].dtype == np.float32
+
+
+def test_loads_with_torch_unimportable(tiny_sd):
+  """The whole directory loads in a process where torch, transformers and diffusers cannot be imported."""
+  code = (
+    "import sys\n"
+    "for m in ('torch', 'transformers', 'diffusers'): sys.modules[m] = None\n"
+    "from diffjax.pretrained import load_pipeline\n"
+    f"sd = load_pipeline({tiny_sd.path!r}, controlnet={tiny_sd.controlnet_path!r})\n"
+    "print(type(sd.unet.module).__name__, sd.tokenizer.encode(['a fox'])[0][0, :3].tolist())\n"
+  )
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run(
+    [sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=600
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.startswith("UNetCondition")

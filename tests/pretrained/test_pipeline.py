@@ -5,11 +5,17 @@ pipeline; diffusers runs ``DDIMScheduler.from_config`` of the directory's schedu
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from diffjax.pretrained import pipeline as sd_pipeline
-from diffjax.pretrained.pipeline import encode_prompts, make_image_to_image, make_text_to_image
+from diffjax.pretrained.pipeline import (
+  encode_prompts,
+  make_image_to_image,
+  make_text_to_image,
+  make_unet_fn,
+)
 
 PROMPTS = ["a photograph of an astronaut riding a horse on the moon", "a red fox in the snow"]
 NEGATIVE = ["low quality", ""]
@@ -24,8 +30,11 @@ def test_text_to_image_matches_diffusers(tiny_sd, tiny_loaded):
   with torch.no_grad():
     ref_ctx, ref_null = pipe.encode_prompt(PROMPTS, "cpu", 1, True, NEGATIVE)
     start = torch.from_numpy(latents).permute(0, 3, 1, 2)
-    ref_z = pipe(**kw, latents=start, output_type="latent").images.permute(0, 2, 3, 1).numpy()
-    ref_img = pipe(**kw, latents=start, output_type="np").images
+    ref_out = pipe(**kw, latents=start, output_type="latent").images
+    # what output_type="np" does after the loop (one pipeline run instead of two)
+    decoded = pipe.vae.decode(ref_out / pipe.vae.config.scaling_factor).sample
+    ref_img = pipe.image_processor.postprocess(decoded, output_type="np")
+    ref_z = ref_out.permute(0, 2, 3, 1).numpy()
   ctx, null = encode_prompts(sd, params, PROMPTS), encode_prompts(sd, params, NEGATIVE)
   generate = make_text_to_image(sd)
   img, z = generate(params, jax.random.key(0), ctx, null, num_steps=5, guidance=7.5, latents=latents)
@@ -56,7 +65,7 @@ def test_image_to_image(tiny_loaded):
   images = np.random.default_rng(3).uniform(0, 1, (2, 16, 16, 3)).astype(np.float32)
   edit = make_image_to_image(sd)
   a, za = edit(params, jax.random.key(1), images, ctx, null, strength=0.6, num_steps=10)
-  b, zb = edit(params, jax.random.key(1), images, ctx, null, strength=0.6, num_steps=10)
+  b, _ = edit(params, jax.random.key(1), images, ctx, null, strength=0.6, num_steps=10)
   c, _ = edit(params, jax.random.key(1), images, ctx, null, strength=0.2, num_steps=10)
   assert a.shape == images.shape and za.shape == (2, 8, 8, 4)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -66,3 +75,26 @@ def test_image_to_image(tiny_loaded):
     edit(params, jax.random.key(1), images, ctx, null, strength=1.5)
   with pytest.raises(ValueError, match="images must be"):
     edit(params, jax.random.key(1), images[:1], ctx, null)
+
+
+def test_unet_fn_takes_attention_control(tiny_loaded, tiny_controlled):
+  """The imported U-Net's model_fn hands ``attention_control`` to every U-Net attention layer (traced only)."""
+  for (sd, params), cond in (
+    (tiny_loaded, lambda z, ctx: ctx),
+    (tiny_controlled, lambda z, ctx: (ctx, jnp.zeros((z.shape[0], 16, 16, 3)), jnp.ones((z.shape[0],)))),
+  ):
+    seen = []
+
+    def control(probs, info, seen=seen):
+      seen.append((info.layer, info.is_cross, probs.shape))
+      return probs
+
+    unet_fn = make_unet_fn(sd)
+    z, ctx = jnp.zeros((2, 8, 8, 4)), jnp.zeros((2, 16, 32))
+    t = jnp.zeros((2,))
+    out = jax.eval_shape(lambda p: unet_fn(p, z, t, cond(z, ctx), attention_control=control), params)
+    assert out.shape == z.shape
+    # the U-Net's 4 transformers (down 0, mid, two in up 1) with self- and cross-attention; the ControlNet's
+    # 2 are not controlled
+    assert sorted(is_cross for _, is_cross, _ in seen) == [False] * 4 + [True] * 4
+    assert {shape[-1] for _, is_cross, shape in seen if is_cross} == {16}

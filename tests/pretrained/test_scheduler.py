@@ -73,24 +73,33 @@ def test_ddim_step_for_step(name, torch_ddim):
   table = ours.table(n)
   x0 = np.random.default_rng(0).standard_normal((2, 4, 4, 3)).astype(np.float32)
   xr, xo = torch.from_numpy(x0), jnp.asarray(x0)
-  model_fn = lambda p, x, t, c: _toy(x, t.astype(jnp.float32), jnp)  # noqa: E731
-  kw = {
-    "model_fn": model_fn,
-    "params": None,
-    "schedule": ours.schedule,
-    "cond": None,
-    "key": jax.random.key(0),
-    "prediction": ours.prediction,
-    "clip_x0": ours.clip_x0,
-    "final_alpha_bar": table.final_alpha_bar,
-    "eps_from_clipped_x0": False,
-  }
+  model_fn = lambda p, x, t, c: _toy(x, t.astype(jnp.float32), jnp)
+  step = jax.jit(
+    lambda x, t, t_prev: ddim_step(
+      model_fn=model_fn,
+      params=None,
+      schedule=ours.schedule,
+      x_t=x,
+      t=t,
+      t_prev=t_prev,
+      cond=None,
+      key=jax.random.key(0),
+      prediction=ours.prediction,
+      clip_x0=ours.clip_x0,
+      final_alpha_bar=table.final_alpha_bar,
+      eps_from_clipped_x0=False,
+    )
+  )
   for i, t in enumerate(ref.timesteps):
-    assert int(table.timesteps[n - 1 - i]) == int(t)
-    xr = ref.step(_toy(xr, t.float().reshape(1), torch), t, xr).prev_sample
     j = n - 1 - i
-    xo = ddim_step(x_t=xo, t=table.timesteps[j], t_prev=table.prev_timesteps[j], **kw)
-    np.testing.assert_allclose(np.asarray(xo), xr.numpy(), rtol=1e-5, atol=1e-5, err_msg=f"step {i} (t={int(t)})")
+    assert int(table.timesteps[j]) == int(t)
+    xr = ref.step(_toy(xr, t.float().reshape(1), torch), t, xr).prev_sample
+    xo = step(xo, table.timesteps[j], table.prev_timesteps[j])
+    np.testing.assert_allclose(
+      np.asarray(xo), xr.numpy(), rtol=1e-5, atol=1e-5, err_msg=f"step {i} (t={int(t)})"
+    )
+  if name != "sd":
+    return
   # The jitted loop with a traced step count gives the same result, and a new count does not recompile.
   traces = []
 
@@ -98,10 +107,17 @@ def test_ddim_step_for_step(name, torch_ddim):
   def run(x, table, num_steps):
     traces.append(1)
     return ddim_sample(
-      model_fn=model_fn, params=None, schedule=ours.schedule, x_T=x, key=jax.random.key(0),
-      num_steps=num_steps, prediction=ours.prediction, clip_x0=ours.clip_x0, table=table,
+      model_fn=model_fn,
+      params=None,
+      schedule=ours.schedule,
+      x_T=x,
+      key=jax.random.key(0),
+      num_steps=num_steps,
+      prediction=ours.prediction,
+      clip_x0=ours.clip_x0,
+      table=table,
       eps_from_clipped_x0=False,
-    )  # fmt: skip
+    )
 
   np.testing.assert_allclose(np.asarray(run(x0, table, n)), xr.numpy(), rtol=1e-5, atol=1e-5)
   run(x0, ours.table(3), 3)

@@ -9,6 +9,7 @@ map, the same with ``</w>``, the merged symbols in merge order, then ``<|startof
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import re
@@ -24,7 +25,11 @@ CORPUS = (
 
 def bytes_to_unicode() -> dict[int, str]:
   """GPT-2's reversible byte -> printable unicode map (Radford et al. 2019)."""
-  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+  bs = (
+    list(range(ord("!"), ord("~") + 1))
+    + list(range(ord("¡"), ord("¬") + 1))
+    + list(range(ord("®"), ord("ÿ") + 1))
+  )
   cs = bs[:]
   n = 0
   for b in range(256):
@@ -35,7 +40,9 @@ def bytes_to_unicode() -> dict[int, str]:
   return dict(zip(bs, map(chr, cs), strict=True))
 
 
-def learn_clip_vocab(num_merges: int = 120, corpus: str = CORPUS) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def learn_clip_vocab(
+  num_merges: int = 120, corpus: str = CORPUS
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
   """A CLIP-layout vocabulary and merges learned by BPE on ``corpus`` (deterministic)."""
   byte_map = bytes_to_unicode()
   base = list(byte_map.values())
@@ -47,7 +54,7 @@ def learn_clip_vocab(num_merges: int = 120, corpus: str = CORPUS) -> tuple[dict[
     pairs = collections.Counter()
     for w, n in words.items():
       s = splits[w]
-      for a, b in zip(s, s[1:], strict=False):
+      for a, b in itertools.pairwise(s):
         pairs[(a, b)] += n
     if not pairs:
       break

@@ -28,7 +28,7 @@ def base(tmp_path_factory):
   """A text-to-image work directory holding an initialised (untrained) tiny model at step 0."""
   path = str(tmp_path_factory.mktemp("base"))
   config = _config("scenes_text.py:smoke")
-  config.model.update(block_out_channels=(8, 16), num_attention_heads=2, norm_num_groups=4)
+  config.model.update(block_out_channels=(8,), cross_attention_levels=(True,), num_attention_heads=2, norm_num_groups=4)
   write_config(path, config)
   _, state = build_text_run(config, workdir=path)
   ckpt = Checkpointer(os.path.join(path, "checkpoints"))

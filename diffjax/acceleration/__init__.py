@@ -1,0 +1,1 @@
+"""Faster inference with the same parameters: spatially sparse incremental execution (:mod:`.sparse`)."""
