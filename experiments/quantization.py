@@ -28,7 +28,8 @@ without split and for time-aware with split, each on 128 examples of its own cal
 calibration and splitting are compared under the same weight reconstruction (as in Q-Diffusion); and a
 diagnostic row keeps the low-bit weights with float activations (the weight rounding error alone, which
 activation calibration cannot remove). Tables and checks: ``experiments/quantization_report.py``. Rows are cached in ``runs/partial/NAME.json`` (keyed by everything but ``--bits``), so a
-stopped run resumes and a run with more ``--bits`` only adds rows.
+stopped run resumes and a run with more ``--bits`` or ``--adaround-seeds`` (AdaRound repeats with other
+rounding seeds: the noise of the learned rounding) only adds rows.
 Writes ``experiments/results/NAME.json`` and ``.md``.
 """
 
@@ -220,8 +221,13 @@ def run_model(
         # Every calibration arm with the same learned weight rounding (Q-Diffusion compares calibrations
         # with BRECQ/AdaRound in all arms): without split, naive and time-aware; with split, time-aware.
         methods += ["adaround"] if split else ["adaround_single", "adaround_random", "adaround"]
-      for method in methods:
+      runs = [(m, a.seed) for m in methods]
+      # Repeats with other rounding seeds (AdaRound's examples and batches): the noise of learned rounding.
+      runs += [(m, s) for s in a.adaround_seeds if s != a.seed for m in methods if m in ADAROUND_CALIBRATION]
+      for method, r_seed in runs:
         key = f"W{w_bits}A{a_bits}/{method}/split{int(split)}"
+        if r_seed != a.seed:
+          key += f"/rounding_seed{r_seed}"
         if cache.get(f"{tag}/{key}"):
           rows.append(cache.get(f"{tag}/{key}"))
           continue
@@ -233,9 +239,9 @@ def run_model(
         q_params, extra = params, {}
         if method in ADAROUND_CALIBRATION:
           q_params, report = adaround(
-            qmodel, params, quant, inputs, method=cal, iters=a.adaround_iters, seed=a.seed, verbose=True
+            qmodel, params, quant, inputs, method=cal, iters=a.adaround_iters, seed=r_seed, verbose=True
           )
-          extra = {"adaround_blocks": report}
+          extra = {"adaround_seed": r_seed, "adaround_blocks": report}
         calib_s = time.perf_counter() - t0
         variables = {"params": q_params, "quant": quant}
         images, secs = sample_all(q_sample, variables, labels, batch_size=a.batch_size, seed=a.seed)
@@ -249,7 +255,7 @@ def run_model(
           key,
           {
             "config": f"W{w_bits}A{a_bits}",
-            "method": METHOD_NAMES[method],
+            "method": METHOD_NAMES[method] + (f" (rounding seed {r_seed})" if r_seed != a.seed else ""),
             "split": split,
             "seed": a.seed,
             "weight_bytes": sizes["total"],
@@ -316,6 +322,9 @@ def main() -> None:
   p.add_argument(
     "--adaround-iters", type=int, default=500, help="AdaRound rows below 8-bit weights (0: none)"
   )
+  p.add_argument(
+    "--adaround-seeds", type=int, nargs="+", default=[], help="extra AdaRound rows with these rounding seeds"
+  )
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--name", default="quantization")
   a = p.parse_args()
@@ -323,7 +332,7 @@ def main() -> None:
   run = load_run(a.workdir)
   scorer, judge_info = load_scorer(a.judge, run, data_path=a.data_path)
   # Rows are keyed by their configuration, so --bits only selects rows and is not part of the cache key.
-  settings = {k: v for k, v in vars(a).items() if k not in ("name", "bits")}
+  settings = {k: v for k, v in vars(a).items() if k not in ("name", "bits", "adaround_seeds")}
   cache = RowCache(a.name, settings)
   rows: list[dict] = []
   spacing = run.config.sample.get("spacing", "uniform")

@@ -23,6 +23,7 @@ ADAROUND_ARMS = (
   ("time_aware", "time-aware + AdaRound", False),
   ("time_aware_split", "time-aware + AdaRound", True),
 )
+ADAROUND_WORDS = ("naive last step", "naive one random step", "time-aware", "time-aware + split")
 
 def _row(rows, model, config, method, split=False, seed=None):
   for r in rows:
@@ -68,8 +69,26 @@ def checks(result) -> dict:
       if fp and all(arms.values()):
         d = {a: round(r["frechet_distance"] - fd0, 3) for a, r in arms.items()}
         c[f"{bits}_adaround_fd_increase"] = d
+      # FD of every AdaRound arm at each rounding seed (repeats: the noise of the learned rounding).
+      reps = {}
+      for arm, m, split in ADAROUND_ARMS:
+        fds = [
+          (r.get("adaround_seed", seed), round(r["frechet_distance"], 3))
+          for r in rows
+          if (r["model"], r["config"], r["split"]) == (model, bits, split)
+          and (r["method"] == m or r["method"].startswith(m + " (rounding seed "))
+        ]
+        if len(fds) > 1:
+          reps[arm] = sorted(fds)
+      if reps:
+        c[f"{bits}_adaround_fd_by_rounding_seed"] = reps
     out[model] = c
   return out
+
+
+def fds_spread(fds) -> float:
+  """max - min of the FDs in ``[(seed, fd), ...]``."""
+  return max(fd for _, fd in fds) - min(fd for _, fd in fds)
 
 
 def criteria_lines(result) -> list[str]:
@@ -116,6 +135,19 @@ def criteria_lines(result) -> list[str]:
           f"split {d['time_aware_split']:+.3f}. Calibration effect (time-aware vs the better naive arm): "
           f"{d['time_aware'] - min(d['last_step'], d['random_step']):+.3f}; split effect: "
           f"{d['time_aware_split'] - d['time_aware']:+.3f}."
+        )
+    for bits in ("W4A8", "W4A4"):
+      reps = c.get(f"{bits}_adaround_fd_by_rounding_seed")
+      if reps:
+        words = dict(zip([a for a, _, _ in ADAROUND_ARMS], ADAROUND_WORDS))
+        parts = [
+          f"{words[arm]} {' / '.join(f'{fd:.3f}' for _, fd in fds)} (spread {fds_spread(fds):.3f})"
+          for arm, fds in reps.items()
+        ]
+        seeds = " / ".join(str(s) for s, _ in next(iter(reps.values())))
+        lines.append(
+          f"- {model}, {bits} AdaRound repeated with other rounding seeds (its examples and batches; "
+          f"calibration and sampling unchanged), FD at rounding seeds {seeds}: " + "; ".join(parts) + "."
         )
     # Where the W4 degradation comes from: the weights alone, and what FD misses in the naive rows.
     fp = _row(rows, model, "FP32", "full precision", seed=result["seed"])
