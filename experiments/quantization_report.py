@@ -91,6 +91,14 @@ def fds_spread(fds) -> float:
   return max(fd for _, fd in fds) - min(fd for _, fd in fds)
 
 
+def nearest_split_effect(rows, model, bits) -> str:
+  """``" (with nearest rounding: +x.xxx)"``: time-aware FD with split minus without, no AdaRound."""
+  no, yes = (_row(rows, model, bits, "time-aware", split) for split in (False, True))
+  if not (no and yes):
+    return ""
+  return f" (with nearest rounding: {yes['frechet_distance'] - no['frechet_distance']:+.3f})"
+
+
 def criteria_lines(result) -> list[str]:
   """The issue's "What must hold", one line each: holds or not, with the numbers."""
   rows, lines = result["rows"], []
@@ -129,12 +137,13 @@ def criteria_lines(result) -> list[str]:
       d = c.get(f"{bits}_adaround_fd_increase")
       if d:
         lines.append(
-          f"- {model}, {bits} with AdaRound in every arm (the same learned weight rounding, so only the "
-          f"calibration and the split differ), FD increase: naive last step {d['last_step']:+.3f}, naive one "
-          f"random step {d['random_step']:+.3f}, time-aware {d['time_aware']:+.3f} (no split); time-aware + "
+          f"- {model}, {bits} with AdaRound in every arm (the same weight reconstruction, each on its own "
+          "calibration's kind of examples, so only the calibration and the split differ), FD increase: naive "
+          f"last step {d['last_step']:+.3f}, naive one random step {d['random_step']:+.3f}, time-aware "
+          f"{d['time_aware']:+.3f} (no split); time-aware + "
           f"split {d['time_aware_split']:+.3f}. Calibration effect (time-aware vs the better naive arm): "
           f"{d['time_aware'] - min(d['last_step'], d['random_step']):+.3f}; split effect: "
-          f"{d['time_aware_split'] - d['time_aware']:+.3f}."
+          f"{d['time_aware_split'] - d['time_aware']:+.3f}{nearest_split_effect(rows, model, bits)}."
         )
     for bits in ("W4A8", "W4A4"):
       reps = c.get(f"{bits}_adaround_fd_by_rounding_seed")
