@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 # (tag, words) of the two naive calibrations; their row names with nearest ("") or learned rounding.
 NAIVE = (("last_step", "last step"), ("random_step", "one random step"))
 NAIVE_METHODS = {
@@ -82,6 +84,13 @@ def checks(result) -> dict:
           reps[arm] = sorted(fds)
       if reps:
         c[f"{bits}_adaround_fd_by_rounding_seed"] = reps
+      # The W4 criterion on the mean FD increase over rounding seeds (every arm with the same seeds).
+      if len(reps) == len(ADAROUND_ARMS) and len({tuple(s for s, _ in f) for f in reps.values()}) == 1:
+        mean = {a: round(float(np.mean([fd for _, fd in f])) - fd0, 3) for a, f in reps.items()}
+        c[f"{bits}_adaround_mean_fd_increase_over_rounding_seeds"] = mean
+        for tag, _ in NAIVE:
+          ok = bool(mean["time_aware_split"] <= 0.5 * mean[tag])
+          c[f"{bits}_adaround_split_at_most_half_of_naive_adaround_{tag}_mean_over_rounding_seeds"] = ok
     out[model] = c
   return out
 
@@ -157,6 +166,14 @@ def criteria_lines(result) -> list[str]:
         lines.append(
           f"- {model}, {bits} AdaRound repeated with other rounding seeds (its examples and batches; "
           f"calibration and sampling unchanged), FD at rounding seeds {seeds}: " + "; ".join(parts) + "."
+        )
+      mean = c.get(f"{bits}_adaround_mean_fd_increase_over_rounding_seeds")
+      for tag, naive in NAIVE if mean else ():
+        ok = c[f"{bits}_adaround_split_at_most_half_of_naive_adaround_{tag}_mean_over_rounding_seeds"]
+        lines.append(
+          f"- {model}: {bits}, time-aware + split + AdaRound degrades at most half as much as naive ({naive} "
+          f"+ AdaRound, no split), mean over rounding seeds {seeds}: **{'holds' if ok else 'fails'}** "
+          f"(mean FD increase {mean['time_aware_split']:+.3f} vs {mean[tag]:+.3f})."
         )
     # Where the W4 degradation comes from: the weights alone, and what FD misses in the naive rows.
     fp = _row(rows, model, "FP32", "full precision", seed=result["seed"])
