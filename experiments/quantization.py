@@ -10,7 +10,8 @@ The sklearn-digits model (8x8, no data download; ``configs/digits_ddpm.py``) and
   python -m diffjax train --config configs/digits_ddpm.py --workdir runs/digits_ddpm
   python -m diffjax train-judge --source digits --out runs/judges/digits.safetensors
   python experiments/quantization.py --workdir runs/digits_ddpm --judge runs/judges/digits.safetensors \
-      --num 1000 --batch-size 250 --steps 50 --calib-num 256 --bits W8A8 W4A8 W4A4 --name quantization_digits
+      --num 1000 --batch-size 250 --steps 50 --calib-num 256 --bits W8A8 W4A8 W4A4 --adaround-seeds 1 2 \
+      --name quantization_digits
 
 For W8A8, W4A8 and W4A4 (``--bits``), with and without Q-Diffusion's split shortcut quantization, the
 model is calibrated along full-precision DDIM trajectories (``--calib-num`` trajectories, other noise
