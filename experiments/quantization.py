@@ -10,7 +10,8 @@ The sklearn-digits model (8x8, no data download; ``configs/digits_ddpm.py``) and
   python -m diffjax train --config configs/digits_ddpm.py --workdir runs/digits_ddpm
   python -m diffjax train-judge --source digits --out runs/judges/digits.safetensors
   python experiments/quantization.py --workdir runs/digits_ddpm --judge runs/judges/digits.safetensors \
-      --num 1000 --batch-size 250 --steps 50 --calib-num 256 --bits W8A8 W4A8 W4A4 --name quantization_digits
+      --num 1000 --batch-size 250 --steps 50 --calib-num 256 --bits W8A8 W4A8 W4A4 --adaround-seeds 1 2 \
+      --name quantization_digits
 
 For W8A8, W4A8 and W4A4 (``--bits``), with and without Q-Diffusion's split shortcut quantization, the
 model is calibrated along full-precision DDIM trajectories (``--calib-num`` trajectories, other noise
@@ -22,11 +23,14 @@ precision/recall); two full-precision rows from different seeds give the FD nois
 Each configuration is exported as integer safetensors (:mod:`diffjax.quantization.export`), reloaded
 and checked bit-exact; the table reports its weight bytes. A distilled few-step student
 (``--student`` work directory and stage of ``python -m diffjax distill``) gets the same treatment at
-its own step count. Below 8-bit weights, a "time-aware + AdaRound" row (split shortcuts) learns the
-weight rounding block by block (:mod:`diffjax.quantization.adaround`), and a diagnostic row keeps the
-low-bit weights with float activations (the weight rounding error alone, which activation calibration
-cannot remove). Rows are cached in ``runs/partial/NAME.json`` (keyed by everything but ``--bits``), so a
-stopped run resumes and a run with more ``--bits`` only adds rows.
+its own step count. Below 8-bit weights, AdaRound rows learn the weight rounding block by block
+(:mod:`diffjax.quantization.adaround`) for naive (last step, one random step) and time-aware calibration
+without split and for time-aware with split, each on 128 examples of its own calibration's kind, so that
+calibration and splitting are compared under the same weight reconstruction (as in Q-Diffusion); and a
+diagnostic row keeps the low-bit weights with float activations (the weight rounding error alone, which
+activation calibration cannot remove). Tables and checks: ``experiments/quantization_report.py``. Rows are cached in ``runs/partial/NAME.json`` (keyed by everything but ``--bits``), so a
+stopped run resumes and a run with more ``--bits`` or ``--adaround-seeds`` (AdaRound repeats with other
+rounding seeds: the noise of the learned rounding) only adds rows.
 Writes ``experiments/results/NAME.json`` and ``.md``.
 """
 
@@ -43,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from quantization_report import checks, markdown
 from trained_run import RESULTS, RowCache, balanced_labels, load_run, load_scorer, machine, write_results
 
 from diffjax.data import to_uint8
@@ -61,7 +66,11 @@ METHOD_NAMES = {
   "time_aware": "time-aware",
   "per_timestep": "per-timestep table",
   "adaround": "time-aware + AdaRound",
+  "adaround_single": "naive: last step + AdaRound",
+  "adaround_random": "naive: one random step + AdaRound",
 }
+# The activation calibration of each AdaRound row; its rounding is learned on the same kind of examples.
+ADAROUND_CALIBRATION = {"adaround": "time_aware", "adaround_single": "single", "adaround_random": "random"}
 
 
 def make_sampler(model_fn, *, model, schedule, image_shape, num_steps, guidance, spacing, prediction):
@@ -209,24 +218,31 @@ def run_model(
       qmodel = QuantizedModel(model, QuantConfig.wa(w_bits, a_bits, split_shortcut=split))
       q_sample = make_sampler(qmodel.model_fn, **common)
       methods = list(METHODS)
-      if split and w_bits < 8 and a.adaround_iters:
-        methods.append("adaround")
-      for method in methods:
+      if w_bits < 8 and a.adaround_iters:
+        # Every calibration arm with the same learned weight rounding (Q-Diffusion compares calibrations
+        # with BRECQ/AdaRound in all arms): without split, naive and time-aware; with split, time-aware.
+        methods += ["adaround"] if split else ["adaround_single", "adaround_random", "adaround"]
+      runs = [(m, a.seed) for m in methods]
+      # Repeats with other rounding seeds (AdaRound's examples and batches): the noise of learned rounding.
+      runs += [(m, s) for s in a.adaround_seeds if s != a.seed for m in methods if m in ADAROUND_CALIBRATION]
+      for method, r_seed in runs:
         key = f"W{w_bits}A{a_bits}/{method}/split{int(split)}"
+        if r_seed != a.seed:
+          key += f"/rounding_seed{r_seed}"
         if cache.get(f"{tag}/{key}"):
           rows.append(cache.get(f"{tag}/{key}"))
           continue
         if inputs is None:
           inputs = record()
         t0 = time.perf_counter()
-        cal = "time_aware" if method == "adaround" else method
+        cal = ADAROUND_CALIBRATION.get(method, method)
         quant = calibrate(qmodel, params, inputs, method=cal, seed=a.seed, batch_size=a.batch_size)
         q_params, extra = params, {}
-        if method == "adaround":
+        if method in ADAROUND_CALIBRATION:
           q_params, report = adaround(
-            qmodel, params, quant, inputs, iters=a.adaround_iters, seed=a.seed, verbose=True
+            qmodel, params, quant, inputs, method=cal, iters=a.adaround_iters, seed=r_seed, verbose=True
           )
-          extra = {"adaround_blocks": report}
+          extra = {"adaround_seed": r_seed, "adaround_blocks": report}
         calib_s = time.perf_counter() - t0
         variables = {"params": q_params, "quant": quant}
         images, secs = sample_all(q_sample, variables, labels, batch_size=a.batch_size, seed=a.seed)
@@ -240,7 +256,7 @@ def run_model(
           key,
           {
             "config": f"W{w_bits}A{a_bits}",
-            "method": METHOD_NAMES[method],
+            "method": METHOD_NAMES[method] + (f" (rounding seed {r_seed})" if r_seed != a.seed else ""),
             "split": split,
             "seed": a.seed,
             "weight_bytes": sizes["total"],
@@ -291,153 +307,6 @@ def run_model(
     )
 
 
-def _row(rows, model, config, method, split=False, seed=None):
-  for r in rows:
-    same = (r["model"], r["config"], r["method"], r["split"]) == (model, config, method, split)
-    if same and (seed is None or r["seed"] == seed):
-      return r
-  return None
-
-
-def checks(result) -> dict:
-  """The issue's claims, read off the rows (FD changes relative to the seed-0 full-precision row)."""
-  rows, out = result["rows"], {}
-  for model in sorted({r["model"] for r in rows}):
-    seed = result["seed"]
-    fp = _row(rows, model, "FP32", "full precision", seed=seed)
-    fp2 = _row(rows, model, "FP32", "full precision", seed=seed + 1)
-    if not fp:
-      continue
-    fd0 = fp["frechet_distance"]
-    c = {"fp_fd": fd0}
-    if fp2:
-      c["fp_fd_other_seed"] = fp2["frechet_distance"]
-      c["fp_seed_noise_relative"] = round(abs(fp2["frechet_distance"] - fd0) / fd0, 4)
-    for split in (False, True):
-      ta = _row(rows, model, "W8A8", "time-aware", split)
-      if ta:
-        rel = (ta["frechet_distance"] - fd0) / fd0
-        c[f"W8A8_time_aware_split{int(split)}_fd_change"] = round(rel, 4)
-        c[f"W8A8_time_aware_split{int(split)}_within_5pct"] = bool(rel <= 0.05)
-    for bits in ("W4A8", "W4A4"):
-      for method, name in (("time-aware", "time_aware"), ("time-aware + AdaRound", "adaround")):
-        best = _row(rows, model, bits, method, True)
-        for naive in ("naive: last step only", "naive: one random step"):
-          nv = _row(rows, model, bits, naive, False)
-          if best and nv:
-            d_best = best["frechet_distance"] - fd0
-            d_naive = nv["frechet_distance"] - fd0
-            tag = "last_step" if "last" in naive else "random_step"
-            c[f"{bits}_fd_increase_{name}_split_vs_naive_{tag}"] = [round(d_best, 3), round(d_naive, 3)]
-            c[f"{bits}_{name}_split_at_most_half_of_naive_{tag}"] = bool(d_best <= 0.5 * d_naive)
-    out[model] = c
-  return out
-
-
-def criteria_lines(result) -> list[str]:
-  """The issue's "What must hold", one line each: holds or not, with the numbers."""
-  rows, lines = result["rows"], []
-  for model, c in result["checks"].items():
-    fd0 = c["fp_fd"]
-    if "fp_fd_other_seed" in c:
-      lines.append(
-        f"- {model}: full-precision FD {fd0:.3f} (seed {result['seed']}) and {c['fp_fd_other_seed']:.3f} "
-        f"(seed {result['seed'] + 1}): seed-to-seed noise {100 * c['fp_seed_noise_relative']:.1f}% of FD. "
-        "Quantized rows share seed 0's labels and initial noise, so they are paired with the seed-0 row."
-      )
-    for split in (0, 1):
-      k = f"W8A8_time_aware_split{split}_fd_change"
-      if k in c:
-        ok = c[f"W8A8_time_aware_split{split}_within_5pct"]
-        fd = _row(rows, model, "W8A8", "time-aware", bool(split))["frechet_distance"]
-        lines.append(
-          f"- {model}: W8A8 time-aware{' + split shortcuts' if split else ''} within 5% of full "
-          "precision on FD: "
-          f"**{'holds' if ok else 'fails'}** (FD {fd:.3f} vs {fd0:.3f}, {100 * c[k]:+.1f}%)."
-        )
-    for bits in ("W4A8", "W4A4"):
-      labels = (("time_aware", "time-aware + split"), ("adaround", "time-aware + split + AdaRound"))
-      for name, label in labels:
-        for tag, naive in (("last_step", "last step"), ("random_step", "one random step")):
-          k = f"{bits}_fd_increase_{name}_split_vs_naive_{tag}"
-          if k in c:
-            d_best, d_naive = c[k]
-            ok = c[f"{bits}_{name}_split_at_most_half_of_naive_{tag}"]
-            lines.append(
-              f"- {model}: {bits}, {label} degrades at most half as much as naive ({naive}, no split): "
-              f"**{'holds' if ok else 'fails'}** (FD increase {d_best:+.3f} vs {d_naive:+.3f})."
-            )
-    # Where the W4 degradation comes from: the weights alone, and what FD misses in the naive rows.
-    fp = _row(rows, model, "FP32", "full precision", seed=result["seed"])
-    w_only = _row(rows, model, "W4A32", "weights only (float activations)")
-    ta = _row(rows, model, "W4A8", "time-aware", True)
-    last = _row(rows, model, "W4A8", "naive: last step only", False)
-    if fp and w_only and ta:
-      fd_w = w_only["frechet_distance"]
-      lines.append(
-        f"- {model}, diagnosis: 4-bit weights with float activations alone give FD {fd_w:.3f} "
-        f"({fd_w - fd0:+.3f}), against {ta['frechet_distance']:.3f} for W4A8 time-aware + "
-        "split: the W4A8 degradation is the weight rounding error, which no activation calibration removes; "
-        "learned rounding (AdaRound) is what reduces it."
-      )
-    if fp and last and ta:
-      lines.append(
-        f"- {model}, FD vs the other metrics: naive last-step calibration clips the activations of the noisy "
-        f"early steps; its samples have precision {last['precision']:.3f} and class accuracy "
-        f"{last['class_accuracy']:.3f} (full precision {fp['precision']:.3f} / {fp['class_accuracy']:.3f}; W4A8 "
-        f"time-aware + split {ta['precision']:.3f} / {ta['class_accuracy']:.3f}), a damage that FD, "
-        "which also rewards its higher recall, does not rank below the weight-rounding error."
-      )
-  return lines
-
-
-def seed_note(row: dict) -> str:
-  return f" (seed {row['seed']})" if row["config"] == "FP32" else ""
-
-
-def markdown(name: str, result: dict) -> str:
-  lines = [
-    f"# Quantization: {result['workdir']}",
-    "",
-    f"Command: `{result['command']}`",
-    "",
-    (
-      f"Machine: {result['machine']}; load {result['load']}. {result['num_samples']} samples per row "
-      f"(balanced labels, the same labels and initial noise in every row), DDIM eta 0 at {result['steps']} "
-      f"steps (guidance w = {result['guidance']:g}), judge `{result['judge']}` against "
-      f"{result['num_reference']} real images. Calibration: {result['calib_num']} full-precision "
-      "trajectories from other noise."
-    ),
-    "",
-    (
-      "FD: Fréchet distance on judge features (lower is better); acc: judge class accuracy. Weight bytes: "
-      "integer kernels (int8, or two int4 per byte) + float32 per-channel scales + float32 biases, norms and "
-      "embeddings, as written by `save_quantized` (stem and head convolutions stay 8-bit)."
-    ),
-    "",
-    "| model | config | calibration | split | FD | acc | precision | recall | weight bytes | round trip |",
-    "|---|---|---|---|---|---|---|---|---|---|",
-  ]
-  for r in result["rows"]:
-    rt = r.get("round_trip_max_abs_diff")
-    lines.append(
-      f"| {r['model']} | {r['config']}{seed_note(r)} | {r['method']} | "
-      f"{'yes' if r['split'] else 'no'} | {r['frechet_distance']:.3f} | {r['class_accuracy']:.3f} | "
-      f"{r['precision']:.3f} | {r['recall']:.3f} | {r['weight_bytes']:,} | {'-' if rt is None else ('exact' if rt == 0 else f'{rt:.1e}')} |"
-    )
-  notes = [f"- {r['model']} {r['config']} {r['method']}: {r['note']}" for r in result["rows"] if r.get("note")]
-  if notes:
-    lines += ["", "Notes on rows:", "", *notes]
-  lines += ["", "## What must hold (issue 10)", "", *criteria_lines(result), ""]
-  lines += [
-    "The third criterion (fake-quant at 16 bits equals full precision to 1e-3) is a test: "
-    "`tests/quantization/test_fake_quant.py::test_16_bit_fake_quant_equals_full_precision`.",
-    "",
-  ]
-  lines += ["## Checks (raw)", "", "```", *(f"{m}: {c}" for m, c in result["checks"].items()), "```", ""]
-  return "\n".join(lines)
-
-
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="trained class-conditional model")
@@ -454,6 +323,9 @@ def main() -> None:
   p.add_argument(
     "--adaround-iters", type=int, default=500, help="AdaRound rows below 8-bit weights (0: none)"
   )
+  p.add_argument(
+    "--adaround-seeds", type=int, nargs="+", default=[], help="extra AdaRound rows with these rounding seeds"
+  )
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--name", default="quantization")
   a = p.parse_args()
@@ -461,7 +333,7 @@ def main() -> None:
   run = load_run(a.workdir)
   scorer, judge_info = load_scorer(a.judge, run, data_path=a.data_path)
   # Rows are keyed by their configuration, so --bits only selects rows and is not part of the cache key.
-  settings = {k: v for k, v in vars(a).items() if k not in ("name", "bits")}
+  settings = {k: v for k, v in vars(a).items() if k not in ("name", "bits", "adaround_seeds")}
   cache = RowCache(a.name, settings)
   rows: list[dict] = []
   spacing = run.config.sample.get("spacing", "uniform")

@@ -113,6 +113,8 @@ def adaround(
   inputs: CalibrationInputs,
   *,
   num: int = 128,
+  method: str = "time_aware",
+  step: int = -1,
   iters: int = 500,
   batch_size: int = 32,
   learning_rate: float = 1e-3,
@@ -128,8 +130,12 @@ def adaround(
     qmodel: the quantized model; ``quant`` must have been calibrated for its config.
     params: full-precision parameters.
     quant: the ``"quant"`` collection (weight and activation scales; unchanged).
-    inputs: recorded full-precision model inputs; ``num`` examples spread evenly over the steps
-      (:func:`~diffjax.quantization.select_inputs` with ``method="time_aware"``) are the data.
+    inputs: recorded full-precision model inputs; ``num`` examples chosen from them by
+      :func:`~diffjax.quantization.select_inputs` with ``method`` (and ``step``, ``seed``) are the data.
+    method: "time_aware" (examples spread evenly over the steps, as in Q-Diffusion), or the naive
+      "single" (all from step ``step``) or "random" (one random step per example), so that AdaRound
+      can be run on the same kind of data as a naive activation calibration.
+    step: the step of ``method="single"`` (``-1``: the last, least noisy one).
     iters: Adam iterations per block on batches of ``batch_size`` examples.
     learning_rate: Adam step size on the rounding variables.
     reg: weight ``lambda`` of the rounding regulariser.
@@ -144,7 +150,9 @@ def adaround(
   """
   if iters < 1 or batch_size < 1 or num < 1:
     raise ValueError(f"iters, batch_size and num must be >= 1, got {iters}, {batch_size}, {num}")
-  ((x, t, cond),) = select_inputs(inputs, method="time_aware", num=num, seed=seed)
+  if method not in ("single", "random", "time_aware"):
+    raise ValueError(f"method must be 'single', 'random' or 'time_aware', got {method!r}")
+  ((x, t, cond),) = select_inputs(inputs, method=method, num=num, step=step, seed=seed)
   x, t = jnp.asarray(x), jnp.asarray(t)
   cond = jax.tree.map(jnp.asarray, cond)
   model, config = qmodel.model, qmodel.config

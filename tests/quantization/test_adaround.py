@@ -56,3 +56,27 @@ def test_adaround_lowers_block_error_and_keeps_weights_on_the_grid():
   assert err(new) < err(params)
   with pytest.raises(ValueError, match="iters"):
     adaround(qm, params, quant, inputs, iters=0)
+
+
+def test_adaround_naive_data_is_that_of_the_chosen_steps():
+  """``method="single"`` reconstructs on the last step's inputs only: the same as a recording of that step."""
+  model = _Model()
+  rng = np.random.default_rng(1)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 6)), jnp.zeros((1,)))["params"]
+  x = rng.standard_normal((2, 32, 6)).astype(np.float32)
+  x[1] *= 0.2  # the last step's inputs have another range than the first's
+  inputs = CalibrationInputs(x=x, t=np.array([5, 0]), cond=None)
+  last_only = CalibrationInputs(x=x[1:], t=np.array([0]), cond=None)
+  cfg = QuantConfig(dense_weight_bits=3, dense_act_bits=None, layer_bits=())
+  qm = QuantizedModel(model, cfg)
+  quant = calibrate(qm, params, inputs, method="time_aware", num=64)
+  kw = {"num": 32, "iters": 30, "batch_size": 32, "learning_rate": 1e-2}
+  single, rep_single = adaround(qm, params, quant, inputs, method="single", **kw)
+  ref, rep_ref = adaround(qm, params, quant, last_only, method="time_aware", **kw)
+  _, rep_ta = adaround(qm, params, quant, inputs, method="time_aware", **kw)
+  assert rep_single["block"]["nearest_mse"] == rep_ref["block"]["nearest_mse"]
+  jax.tree.map(np.testing.assert_array_equal, single, ref)
+  # Time-aware data also holds the first step's larger inputs: another reconstruction problem.
+  assert rep_ta["block"]["nearest_mse"] > 2 * rep_single["block"]["nearest_mse"]
+  with pytest.raises(ValueError, match="method"):
+    adaround(qm, params, quant, inputs, method="per_timestep")
