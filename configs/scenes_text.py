@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "num_attention_heads": 4,
       "transformer_layers_per_block": 1,
       "use_linear_projection": False,
-      "position_embedding": False,
+      "position_embedding": True,  # queries know their cell: binds "left"/"right" to positions
       "norm_num_groups": 8,
       "dropout": 0.0,
     }
@@ -76,8 +76,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   c.sample.update(sampler="ddim", num_steps=50, guidance=4.0, eta=0.0, spacing="uniform", num=40, every=500)
   del c.eval
-  if arg == "posemb":
-    c.model.position_embedding = True
+  if arg == "no_posemb":
+    c.model.position_embedding = False
   elif arg == "pixel":
     c.latent.autoencoder_workdir = None
     c.model.update(in_channels=1, out_channels=1)
@@ -94,5 +94,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.training.update(batch_size=8, num_steps=4, warmup_steps=1, log_every=2, checkpoint_every=2)
     c.sample.update(num_steps=3, num=4, every=0)
   elif arg:
-    raise ValueError(f"unknown variant {arg!r} of scenes_text (expected posemb, pixel, small_text, smoke or nothing)")
+    raise ValueError(f"unknown variant {arg!r} of scenes_text (expected no_posemb, pixel, small_text, smoke or nothing)")
   return c

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffjax.config_files import apply_overrides, load_config
 from diffjax.data import SCENE_TEMPLATES, judge_scenes, load_dataset, score_scenes
 from diffjax.eval import load_judge
+from diffjax.images import save_image_grid
 from diffjax.training.text_builders import load_text_run
 from diffjax.training.text_loop import train_text_to_image
 from diffjax.training.workdir import MetricsLog
@@ -39,16 +40,20 @@ COMMON = {"training.lr_decay": "constant", "training.warmup_steps": "100"}
 # name -> (what it tests, config overrides on top of configs/scenes_text.py and COMMON).
 PILOTS: dict[str, tuple[str, dict[str, str]]] = {
   "base": (
-    "previous design: latent 8x16x4, channels (32, 64), no position embedding, lr 1e-3",
+    "previous design: latent 8x16x4, channels (32, 64), no position embedding, lr 1e-3, v + min-SNR-5",
     {"model.position_embedding": "False", "training.learning_rate": "1e-3"},
   ),
   "posemb": (
     "+ 2-D sine-cosine position embedding in the transformers",
     {"model.position_embedding": "True", "training.learning_rate": "1e-3"},
   ),
-  "posemb_lr2": (
-    "+ position embedding, lr 2e-3",
-    {"model.position_embedding": "True", "training.learning_rate": "2e-3"},
+  "posemb_lr3": (
+    "+ position embedding, lr 3e-3",
+    {"model.position_embedding": "True", "training.learning_rate": "3e-3"},
+  ),
+  "posemb_lr3_unweighted": (
+    "+ position embedding, lr 3e-3, plain v loss (more weight on high noise than min-SNR)",
+    {"model.position_embedding": "True", "training.learning_rate": "3e-3", "diffusion.weighting": "none"},
   ),
 }
 
@@ -89,6 +94,7 @@ def run_pilot(name: str, overrides: dict[str, str], args, judge, prompts, labels
     run, prompts, guidance=args.guidance, steps=args.ddim_steps, batch_size=args.batch_size, seed=args.seed
   )
   predicted = judge_scenes(judge, images)
+  save_image_grid(images[:20], os.path.join(workdir, f"pilot_step{run.step}_w{args.guidance:g}.png"), nrow=4)
   history = [r for r in MetricsLog(workdir, resume_step=run.step).read() if "loss" in r]
   return {
     "name": name,
