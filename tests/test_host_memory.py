@@ -50,3 +50,16 @@ def test_bad_threshold():
     keep_freed_memory(trim_threshold_bytes=-1)
   with pytest.raises(ValueError, match="trim_threshold_bytes"):
     keep_freed_memory(trim_threshold_bytes=2**31)
+
+
+def test_on_cpu_applies_exactly_on_the_cpu_backend(monkeypatch):
+  import jax
+
+  from diffjax import host_memory
+
+  calls = []
+  monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(1) or True)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not host_memory.keep_freed_memory_on_cpu() and not calls
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert host_memory.keep_freed_memory_on_cpu() and calls == [1]

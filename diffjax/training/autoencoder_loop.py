@@ -26,6 +26,7 @@ from diffjax import parallel
 from diffjax.checkpoints import Checkpointer
 from diffjax.data import ImageDataset, Prefetcher, load_dataset, split_holdout, to_model_range
 from diffjax.data.photos import load_photo_patches, pad_images
+from diffjax.host_memory import keep_freed_memory_on_cpu
 from diffjax.images import save_image_grid
 from diffjax.models.autoencoder import AutoencoderKL
 from diffjax.training.autoencoder_step import (
@@ -242,6 +243,7 @@ def _compiled_step(config: ml_collections.ConfigDict, mesh):
 
 def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
   """Trains (or resumes) the configured autoencoder in ``workdir``; returns the last logged metrics."""
+  keep_freed_memory_on_cpu()  # reuse the step's freed temporaries (diffjax.host_memory)
   t_cfg, e_cfg = config.training, config.eval
   mesh = parallel.make_mesh(config.mesh.num_devices)
   parallel.check_batch_size(t_cfg.batch_size, mesh)

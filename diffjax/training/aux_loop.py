@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from diffjax.checkpoints import Checkpointer
 from diffjax.data import ImageDataset, Prefetcher
+from diffjax.host_memory import keep_freed_memory_on_cpu
 from diffjax.training.state import TrainState
 from diffjax.training.workdir import MetricsLog, write_config
 
@@ -69,6 +70,7 @@ def fit(
   Returns:
       The last logged metrics (with the final evaluation).
   """
+  keep_freed_memory_on_cpu()  # reuse the step's freed temporaries (diffjax.host_memory)
   t_cfg = config.training
   write_config(workdir, config)
   state = init_state()

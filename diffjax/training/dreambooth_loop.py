@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from diffjax import parallel
 from diffjax.checkpoints import Checkpointer
 from diffjax.data import SCENE_TEMPLATES, ImageDataset, to_model_range
+from diffjax.host_memory import keep_freed_memory_on_cpu
 from diffjax.latent import encode_images
 from diffjax.personalization.dreambooth import make_dreambooth_train_step
 from diffjax.personalization.subjects import (
@@ -216,6 +217,7 @@ def train_dreambooth(config: ml_collections.ConfigDict, workdir: str, *, progres
       ValueError: On inconsistent settings.
       FileNotFoundError: If the base work directory or the digits are missing.
   """
+  keep_freed_memory_on_cpu()  # reuse the step's freed temporaries (diffjax.host_memory)
   t_cfg, p_cfg = config.training, config.prior
   prior_weight = float(p_cfg.weight)
   n_inst = int(t_cfg.instance_batch)

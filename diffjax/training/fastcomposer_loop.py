@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from diffjax import parallel
 from diffjax.checkpoints import Checkpointer
 from diffjax.data import SCENE_TEMPLATES, batch_indices, to_model_range
+from diffjax.host_memory import keep_freed_memory_on_cpu
 from diffjax.models.subject_encoder import SubjectEncoder, SubjectFuser
 from diffjax.personalization.fastcomposer_step import make_fastcomposer_train_step
 from diffjax.personalization.sampling import make_subject_generate
@@ -183,6 +184,7 @@ def train_fastcomposer(config: ml_collections.ConfigDict, workdir: str, *, progr
       ValueError: On inconsistent settings.
       FileNotFoundError: If the base work directory or the digits are missing.
   """
+  keep_freed_memory_on_cpu()  # reuse the step's freed temporaries (diffjax.host_memory)
   t_cfg, f_cfg = config.training, config.fastcomposer
   mesh = parallel.make_mesh(config.mesh.num_devices)
   parallel.check_batch_size(t_cfg.batch_size, mesh)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from diffjax import parallel
 from diffjax.checkpoints import Checkpointer
 from diffjax.data import Prefetcher, to_model_range, to_uint8
-from diffjax.host_memory import keep_freed_memory
+from diffjax.host_memory import keep_freed_memory_on_cpu
 from diffjax.images import save_image_grid
 from diffjax.losses import nll_bits_per_dim
 from diffjax.samplers.timesteps import check_num_steps
@@ -67,10 +67,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     num_processes=dist.num_processes,
     process_id=dist.process_id,
   )
-  if jax.default_backend() == "cpu":
-    # XLA:CPU allocates and frees a step's temporaries at every step; keeping freed heap memory makes
-    # the next step reuse mapped pages (1.2-1.4x steps/s, experiments/results/bench_cpu_paths.md).
-    keep_freed_memory()
+  # XLA:CPU allocates and frees a step's temporaries at every step; keeping freed heap memory makes
+  # the next step reuse mapped pages (1.2-1.4x steps/s, experiments/results/bench_cpu_paths.md).
+  keep_freed_memory_on_cpu()
   t_cfg = config.training
   mesh = parallel.make_mesh(config.mesh.num_devices)
   parallel.check_batch_size(t_cfg.batch_size, mesh)

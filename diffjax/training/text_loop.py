@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from diffjax import parallel
 from diffjax.checkpoints import Checkpointer
 from diffjax.data import SceneDataset, batch_indices, scene_caption, to_model_range, to_uint8
+from diffjax.host_memory import keep_freed_memory_on_cpu
 from diffjax.images import save_image_grid
 from diffjax.latent import LatentCodec, encode_images
 from diffjax.text_conditioning import PromptEncoder
@@ -102,6 +103,7 @@ def train_text_to_image(config: ml_collections.ConfigDict, workdir: str, *, prog
       ValueError: On inconsistent settings (batch size, channels, too-long captions).
       FileNotFoundError: If the digits or the autoencoder work directory are missing.
   """
+  keep_freed_memory_on_cpu()  # reuse the step's freed temporaries (diffjax.host_memory)
   t_cfg, s_cfg = config.training, config.sample
   mesh = parallel.make_mesh(config.mesh.num_devices)
   parallel.check_batch_size(t_cfg.batch_size, mesh)
