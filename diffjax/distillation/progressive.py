@@ -33,6 +33,7 @@ import optax
 
 from diffjax import diffusion
 from diffjax.losses import ModelFn
+from diffjax.samplers import ddim as samplers_ddim
 from diffjax.samplers.loop import alpha_bar_at
 from diffjax.schedules import Schedule
 from diffjax.training.state import TrainState, ema_update
@@ -68,17 +69,24 @@ def step_triplets(*, num_timesteps: int, num_student_steps: int) -> tuple[np.nda
   return t, t_mid, t_next
 
 
+def _alpha_bar(schedule: Schedule, t, ndim: int):
+  """alpha-bar at int ``t`` ``[B]`` (t = -1 is clean: 1), shaped ``[B, 1, ..]``."""
+  ab = alpha_bar_at(schedule.alphas_cumprod, jnp.asarray(t))
+  return ab.reshape(ab.shape + (1,) * (ndim - ab.ndim))
+
+
 def _alpha_sigma(schedule: Schedule, t, ndim: int):
   """alpha and sigma at int ``t`` ``[B]`` (t = -1 is clean: alpha 1, sigma 0), shaped ``[B, 1, ..]``."""
-  ab = alpha_bar_at(schedule.alphas_cumprod, jnp.asarray(t))
-  ab = ab.reshape(ab.shape + (1,) * (ndim - ab.ndim))
+  ab = _alpha_bar(schedule, t, ndim)
   return jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
 
 
 def ddim_update(*, schedule: Schedule, x0, eps, t_next):
-  """Deterministic DDIM step to ``t_next`` ``[B]`` from estimates (x0, eps): alpha'' x0 + sigma'' eps."""
-  a, s = _alpha_sigma(schedule, t_next, x0.ndim)
-  return a * x0 + s * eps
+  """Deterministic DDIM step to ``t_next`` ``[B]`` from estimates (x0, eps): alpha'' x0 + sigma'' eps.
+
+  :func:`diffjax.samplers.ddim.ddim_update` with ``sigma = 0`` at per-example timesteps.
+  """
+  return samplers_ddim.ddim_update(x0=x0, eps=eps, ab_prev=_alpha_bar(schedule, t_next, x0.ndim), sigma=0.0)
 
 
 def teacher_two_steps(

@@ -28,7 +28,15 @@ from diffjax.samplers.loop import reverse_loop
 from diffjax.samplers.timesteps import TimestepTable, check_num_steps, make_timesteps
 from diffjax.schedules import Schedule
 
-__all__ = ["SDEDIT_SAMPLERS", "check_strength", "sdedit", "sdedit_num_steps", "sdedit_setup", "sdedit_step"]
+__all__ = [
+  "SDEDIT_SAMPLERS",
+  "check_strength",
+  "sdedit",
+  "sdedit_full_steps",
+  "sdedit_num_steps",
+  "sdedit_setup",
+  "sdedit_step",
+]
 
 SDEDIT_SAMPLERS = ("ddim", "ddpm")
 
@@ -49,6 +57,11 @@ def sdedit_num_steps(*, strength, num_steps):
   n = jnp.asarray(num_steps, jnp.int32)
   k = jnp.ceil(jnp.asarray(strength, jnp.float32) * n.astype(jnp.float32) - 1e-4).astype(jnp.int32)
   return jnp.clip(k, 1, n)
+
+
+def sdedit_full_steps(*, sampler: str, num_steps, num_timesteps: int):
+  """Steps of a full (strength 1) run: all ``num_timesteps`` for "ddpm", ``num_steps`` for "ddim"."""
+  return num_timesteps if sampler == "ddpm" else num_steps
 
 
 def sdedit_setup(
@@ -91,12 +104,13 @@ def sdedit_setup(
   if sampler == "ddpm":
     if table is not None:
       raise ValueError("table applies to sampler='ddim' only")
-    n_full, ts = T, jnp.arange(T, dtype=jnp.int32)
+    ts = jnp.arange(T, dtype=jnp.int32)
   elif table is None:
     check_num_steps(num_steps, T)
-    n_full, ts = num_steps, make_timesteps(num_timesteps=T, num_steps=num_steps, spacing=spacing)
+    ts = make_timesteps(num_timesteps=T, num_steps=num_steps, spacing=spacing)
   else:
-    n_full, ts, prev_ts, final_ab = num_steps, table.timesteps, table.prev_timesteps, table.final_alpha_bar
+    ts, prev_ts, final_ab = table.timesteps, table.prev_timesteps, table.final_alpha_bar
+  n_full = sdedit_full_steps(sampler=sampler, num_steps=num_steps, num_timesteps=T)
   k = sdedit_num_steps(strength=strength, num_steps=n_full)
   t0 = ts[k - 1]
   x_t0 = diffusion.q_sample(

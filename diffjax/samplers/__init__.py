@@ -1,6 +1,6 @@
 """Scan/fori-loop based samplers that take any ``model_fn(params, x_t, t, cond)``."""
 
-from diffjax.samplers.ddim import ddim_sample, ddim_sigma, ddim_step
+from diffjax.samplers.ddim import ddim_sample, ddim_sigma, ddim_step, ddim_update
 from diffjax.samplers.ddpm import ddpm_sample, ddpm_step
 from diffjax.samplers.dpm_solver import dpm_solver_sample, dpm_solver_update
 from diffjax.samplers.loop import reverse_loop
@@ -14,6 +14,7 @@ __all__ = [
   "ddim_sample",
   "ddim_sigma",
   "ddim_step",
+  "ddim_update",
   "ddpm_sample",
   "ddpm_step",
   "dpm_solver_sample",

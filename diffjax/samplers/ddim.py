@@ -25,6 +25,28 @@ def ddim_sigma(*, ab_t, ab_prev, eta):
   return eta * jnp.sqrt((1.0 - ab_prev) / (1.0 - ab_t)) * jnp.sqrt(jnp.maximum(1.0 - ab_t / ab_prev, 0.0))
 
 
+def ddim_update(*, x0, eps, ab_prev, sigma, noise=None):
+  """The DDIM update from estimates ``(x0, eps)`` to the step with alpha-bar ``ab_prev`` (DDIM Eq. 12).
+
+  ``x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma noise`` (the direction term's
+  radicand floored at 0).
+
+  Args:
+    x0: ``[B, ...]`` predicted clean sample.
+    eps: ``[B, ...]`` predicted noise.
+    ab_prev: alpha-bar of the target step (1 at the clean end); a scalar or broadcastable to ``x0``.
+    sigma: the step's noise scale (:func:`ddim_sigma`; 0 for the deterministic sampler); a scalar or
+      broadcastable to ``x0``.
+    noise: ``[B, ...]`` standard normal noise, or None for no noise term (``sigma`` then only shrinks
+      the direction term).
+
+  Returns:
+    x_prev, shaped like ``x0``.
+  """
+  x_prev = jnp.sqrt(ab_prev) * x0 + jnp.sqrt(jnp.maximum(1.0 - ab_prev - jnp.square(sigma), 0.0)) * eps
+  return x_prev if noise is None else x_prev + sigma * noise
+
+
 def ddim_step(
   *,
   model_fn: ModelFn,
@@ -75,8 +97,7 @@ def ddim_step(
   eta = eta.reshape(eta.shape + (1,) * (nd - eta.ndim)) if eta.ndim else eta
   sigma = ddim_sigma(ab_t=ab_t, ab_prev=ab_prev, eta=eta)
   noise = jax.random.normal(key, x_t.shape, x_t.dtype)
-  dir_xt = jnp.sqrt(jnp.maximum(1.0 - ab_prev - jnp.square(sigma), 0.0)) * eps
-  return jnp.sqrt(ab_prev) * x0 + dir_xt + sigma * noise
+  return ddim_update(x0=x0, eps=eps, ab_prev=ab_prev, sigma=sigma, noise=noise)
 
 
 def ddim_sample(

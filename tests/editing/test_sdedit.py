@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from diffjax.editing import sdedit, sdedit_num_steps
+from diffjax.editing.sdedit import sdedit_full_steps
 from diffjax.samplers import ddim_sample
 from diffjax.samplers.timesteps import make_timesteps
 from diffjax.schedules import make_schedule
@@ -100,6 +101,11 @@ def test_steps_run():
   ks = [int(sdedit_num_steps(strength=s, num_steps=50)) for s in (0.01, 0.2, 0.5, 0.61, 1.0)]
   assert ks == [1, 10, 25, 31, 50]
   assert int(sdedit_num_steps(strength=0.5, num_steps=1000)) == 500
+
+
+def test_full_steps_are_all_timesteps_for_ddpm_and_num_steps_for_ddim():
+  assert sdedit_full_steps(sampler="ddpm", num_steps=50, num_timesteps=1000) == 1000
+  assert sdedit_full_steps(sampler="ddim", num_steps=50, num_timesteps=1000) == 50
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ from flax import struct
 
 from diffjax.acceleration.sparse.plan import SparsePlan
 from diffjax.acceleration.sparse.unet import unet_masked_reference, unet_record, unet_sparse
-from diffjax.editing.sdedit import sdedit_num_steps, sdedit_setup, sdedit_step
+from diffjax.editing.sdedit import sdedit_full_steps, sdedit_num_steps, sdedit_setup, sdedit_step
 from diffjax.models.unet import UNet
 from diffjax.samplers.ddim import ddim_step
 from diffjax.samplers.loop import reverse_loop
@@ -163,7 +163,7 @@ def record_sdedit(
   x_t0, ts, k, mask, prev_ts, final_ab = sdedit_setup(
     schedule=schedule, x_guide=x_guide, key=key, strength=strength, mask=mask, sampler=sampler,
     num_steps=num_steps, spacing=spacing, table=table)
-  n_full = schedule.num_timesteps if sampler == "ddpm" else num_steps
+  n_full = sdedit_full_steps(sampler=sampler, num_steps=num_steps, num_timesteps=schedule.num_timesteps)
   slots = _concrete_steps(num_slots, lambda: sdedit_num_steps(strength=strength, num_steps=n_full),
                           "strength or num_steps")
 
