@@ -1,7 +1,9 @@
 """Prompt-to-prompt on a trained text-to-image run: prompts in, source and edited images out.
 
 :func:`build_edit_spec` turns pairs of prompts (and the chosen blend and reweighting words) into the
-arrays of :class:`~diffjax.editing.prompt_to_prompt.EditSpec`; :func:`make_prompt_to_prompt` returns a
+arrays of :class:`~diffjax.editing.prompt_to_prompt.EditSpec`, and :func:`edit_controls` bundles it with
+the per-call values as the traced :class:`EditControls` (both also serve the imported pipelines'
+:mod:`diffjax.pretrained.prompt_to_prompt`); :func:`make_prompt_to_prompt` returns a
 checked function over a :class:`~diffjax.training.text_builders.TextRun` that encodes the prompts, runs
 :func:`~diffjax.editing.prompt_to_prompt.prompt_to_prompt_sample` under one ``jit`` (step count,
 guidance, eta and every fraction traced) and decodes latents. The starting noise is drawn as
@@ -18,13 +20,57 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
-from diffjax.editing.prompt_to_prompt import EditSpec, check_fraction, prompt_to_prompt_sample
+from diffjax.editing.prompt_to_prompt import EditSpec, check_fractions, prompt_to_prompt_sample
 from diffjax.editing.token_alignment import align_prompts, token_scales, word_mask
 from diffjax.models.text_tokenizer import PromptTokenizer
 from diffjax.samplers.timesteps import check_num_steps
 
-__all__ = ["build_edit_spec", "make_prompt_to_prompt"]
+__all__ = ["EditControls", "build_edit_spec", "edit_controls", "make_prompt_to_prompt"]
+
+
+@struct.dataclass
+class EditControls:
+  """The per-call values of a prompt-to-prompt edit as arrays, so that new values do not recompile.
+
+  Attributes:
+      spec: The :class:`~diffjax.editing.prompt_to_prompt.EditSpec` of the ``P`` prompt pairs.
+      num_steps: int32 ``[]``, sampler steps.
+      guidance: float32 ``[]``, classifier-free guidance scale.
+      eta: float32 ``[]``, DDIM eta.
+      cross_replace: float32 ``[]``, fraction of the steps with cross-attention replacement.
+      self_replace: float32 ``[]``, fraction of the steps with self-attention injection.
+  """
+
+  spec: EditSpec
+  num_steps: jnp.ndarray
+  guidance: jnp.ndarray
+  eta: jnp.ndarray
+  cross_replace: jnp.ndarray
+  self_replace: jnp.ndarray
+
+
+def edit_controls(spec: EditSpec, *, num_steps, guidance, eta, cross_replace, self_replace) -> EditControls:
+  """Bundles an edit's spec and per-call values as the arrays of :class:`EditControls`.
+
+  Args:
+      spec: The edit arrays (NumPy or JAX), e.g. from :func:`build_edit_spec`.
+      num_steps: Sampler steps (int).
+      guidance, eta, cross_replace, self_replace: Scalars (checked by the caller, see
+          :func:`~diffjax.editing.prompt_to_prompt.check_fractions`).
+
+  Returns:
+      :class:`EditControls` of JAX arrays.
+  """
+  return EditControls(
+    spec=jax.tree.map(jnp.asarray, spec),
+    num_steps=jnp.asarray(num_steps, jnp.int32),
+    guidance=jnp.asarray(guidance, jnp.float32),
+    eta=jnp.asarray(eta, jnp.float32),
+    cross_replace=jnp.asarray(cross_replace, jnp.float32),
+    self_replace=jnp.asarray(self_replace, jnp.float32),
+  )
 
 
 def build_edit_spec(
@@ -125,8 +171,8 @@ def make_prompt_to_prompt(run, *, self_max_tokens: int | None = None) -> Callabl
   sample_shape = tuple(run.sample_shape)
 
   @functools.partial(jax.jit, static_argnames=("blend",))
-  def sample(params, codec, key, cond, spec, num_steps, guidance, eta, cross, self_, threshold, start, blend):
-    p = spec.mapper.shape[0]
+  def sample(params, codec, key, cond, controls: EditControls, threshold, start, blend):
+    p = controls.spec.mapper.shape[0]
     x_T = jax.random.normal(jax.random.fold_in(key, 0), (p, *sample_shape), jnp.float32)
     x = prompt_to_prompt_sample(
       unet=run.unet,
@@ -136,12 +182,12 @@ def make_prompt_to_prompt(run, *, self_max_tokens: int | None = None) -> Callabl
       key=jax.random.fold_in(key, 1),
       cond=cond,
       null_cond=null_cond,
-      spec=spec,
-      guidance=guidance,
-      num_steps=num_steps,
-      eta=eta,
-      cross_replace=cross,
-      self_replace=self_,
+      spec=controls.spec,
+      guidance=controls.guidance,
+      num_steps=controls.num_steps,
+      eta=controls.eta,
+      cross_replace=controls.cross_replace,
+      self_replace=controls.self_replace,
       blend=blend,
       blend_threshold=threshold,
       blend_start=start,
@@ -170,14 +216,13 @@ def make_prompt_to_prompt(run, *, self_max_tokens: int | None = None) -> Callabl
     reweight: Mapping[str, float] | None = None,
   ) -> tuple[np.ndarray, np.ndarray]:
     check_num_steps(num_steps, run.schedule.num_timesteps)
-    for value, name in (
-      (cross_replace, "cross_replace"),
-      (self_replace, "self_replace"),
-      (blend_threshold, "blend_threshold"),
-      (blend_start, "blend_start"),
-      (eta, "eta"),
-    ):
-      check_fraction(value, name)
+    check_fractions(
+      cross_replace=cross_replace,
+      self_replace=self_replace,
+      blend_threshold=blend_threshold,
+      blend_start=blend_start,
+      eta=eta,
+    )
     spec = build_edit_spec(
       run.prompts.tokenizer,
       sources,
@@ -193,12 +238,14 @@ def make_prompt_to_prompt(run, *, self_max_tokens: int | None = None) -> Callabl
       codec,
       key,
       (jnp.asarray(tokens), jnp.asarray(mask)),
-      jax.tree.map(jnp.asarray, spec),
-      jnp.asarray(num_steps, jnp.int32),
-      jnp.asarray(guidance, jnp.float32),
-      jnp.asarray(eta, jnp.float32),
-      jnp.asarray(cross_replace, jnp.float32),
-      jnp.asarray(self_replace, jnp.float32),
+      edit_controls(
+        spec,
+        num_steps=num_steps,
+        guidance=guidance,
+        eta=eta,
+        cross_replace=cross_replace,
+        self_replace=self_replace,
+      ),
       jnp.asarray(blend_threshold, jnp.float32),
       jnp.asarray(blend_start, jnp.float32),
       bool(blend_words),

@@ -46,6 +46,7 @@ from diffjax.schedules import Schedule
 __all__ = [
   "EditSpec",
   "check_fraction",
+  "check_fractions",
   "in_first_steps",
   "local_blend_mask",
   "prompt_to_prompt_control",
@@ -289,4 +290,10 @@ def check_fraction(value: float, name: str) -> None:
     return
   if not 0.0 <= float(value) <= 1.0:
     raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def check_fractions(**values: float) -> None:
+  """:func:`check_fraction` of every ``name=value``, in the order given (the first bad one raises)."""
+  for name, value in values.items():
+    check_fraction(value, name)
 

@@ -109,8 +109,9 @@ class _Spec:
       shift_factor=sd.shift_factor,
     )
 
-  def guided(self, params, guidance, null_cond) -> Callable:
-    base = self.model_fn or _unet_fn(self.unet, self.controlnet)
+  def guided(self, params, guidance, null_cond, model_fn: Callable | None = None) -> Callable:
+    """The classifier-free-guided denoiser over ``params``, of ``model_fn`` (default: the spec's)."""
+    base = model_fn or self.model_fn or _unet_fn(self.unet, self.controlnet)
     guided = classifier_free_guidance(base, guidance_scale=guidance, null_cond=null_cond)
     return lambda p, x, t, c: guided(params, x, t, c)
 
@@ -120,12 +121,32 @@ class _Spec:
     return jnp.clip(images / 2.0 + 0.5, 0.0, 1.0)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _text_to_image(
-  spec: _Spec, params, schedule, key, latents, cond, null_cond, table, num_steps, guidance, eta
+def _guided_ddim(
+  spec: _Spec,
+  params,
+  schedule,
+  key,
+  latents,
+  cond,
+  null_cond,
+  table,
+  num_steps,
+  guidance,
+  eta,
+  *,
+  model_fn: Callable | None = None,
 ):
+  """Guided DDIM over the scheduler's ``table`` from ``latents``, then decoded (traceable).
+
+  The text-to-image computation shared by :func:`make_text_to_image` and
+  :func:`diffjax.pretrained.prompt_to_prompt.make_prompt_to_prompt` (which passes its attention-controlled
+  ``model_fn``; default: the spec's).
+
+  Returns:
+      ``(images [B, H, W, 3] in [0, 1], latents [B, h, w, c])``.
+  """
   z = ddim_sample(
-    model_fn=spec.guided(params, guidance, null_cond),
+    model_fn=spec.guided(params, guidance, null_cond, model_fn),
     params=None,
     schedule=schedule,
     x_T=latents,
@@ -139,6 +160,13 @@ def _text_to_image(
     eps_from_clipped_x0=False,
   )
   return spec.decode(params["vae"], z), z
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _text_to_image(
+  spec: _Spec, params, schedule, key, latents, cond, null_cond, table, num_steps, guidance, eta
+):
+  return _guided_ddim(spec, params, schedule, key, latents, cond, null_cond, table, num_steps, guidance, eta)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -203,6 +231,24 @@ def _latent_shape(sd: StableDiffusion, height: int | None, width: int | None) ->
   return h // sd.vae_scale_factor, w // sd.vae_scale_factor, sd.vae.module.latent_channels
 
 
+def _initial_latents(
+  sd: StableDiffusion, key, latents, *, batch: int, height: int | None, width: int | None, what: str
+) -> jnp.ndarray:
+  """The starting latents ``[batch, h, w, c]``: ``latents`` checked, or drawn from ``fold_in(key, 0)``.
+
+  Raises:
+      ValueError: If the size does not fit the pipeline, or ``latents`` is not ``[batch, h, w, c]``
+          (``what`` names the batch in the message).
+  """
+  shape = (batch, *_latent_shape(sd, height, width))
+  if latents is None:
+    latents = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
+  latents = jnp.asarray(latents, jnp.float32)
+  if latents.shape != shape:
+    raise ValueError(f"latents must be {list(shape)} for {what}, got {list(latents.shape)}")
+  return latents
+
+
 def _check_batch(context, null_context):
   context, null_context = jnp.asarray(context), jnp.asarray(null_context)
   if context.ndim != 3 or null_context.shape != context.shape:
@@ -243,15 +289,9 @@ def make_text_to_image(sd: StableDiffusion, *, model_fn: Callable | None = None)
     control=None,
   ):
     context, null_context = _check_batch(context, null_context)
-    b = context.shape[0]
-    shape = (b, *_latent_shape(sd, height, width))
-    if latents is None:
-      latents = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
-    latents = jnp.asarray(latents, jnp.float32)
-    if latents.shape != shape:
-      raise ValueError(
-        f"latents must be {list(shape)} for these prompts and this size, got {list(latents.shape)}"
-      )
+    latents = _initial_latents(
+      sd, key, latents, batch=context.shape[0], height=height, width=width, what="these prompts and this size"
+    )
     if not 0.0 <= float(eta) <= 1.0:
       raise ValueError(f"eta must be in [0, 1], got {eta}")
     cond, null_cond = _conditions(sd, context, null_context, control, latents.shape)

@@ -31,14 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.editing.p2p_pipeline import build_edit_spec
-from diffjax.editing.prompt_to_prompt import EditSpec, check_fraction, prompt_to_prompt_control
+from diffjax.editing.p2p_pipeline import EditControls, build_edit_spec, edit_controls
+from diffjax.editing.prompt_to_prompt import EditSpec, check_fractions, prompt_to_prompt_control
 from diffjax.editing.token_alignment import map_padding
-from diffjax.guidance import classifier_free_guidance
 from diffjax.models.clip_tokenizer import CLIPTokenizer
 from diffjax.pretrained.loader import StableDiffusion
-from diffjax.pretrained.pipeline import _latent_shape, _Spec, _unet_fn, encode_prompts
-from diffjax.samplers.ddim import ddim_sample
+from diffjax.pretrained.pipeline import _guided_ddim, _initial_latents, _Spec, _unet_fn, encode_prompts
 from diffjax.samplers.timesteps import TimestepTable
 
 __all__ = ["CLIPPromptTokens", "make_prompt_to_prompt", "pipeline_edit_spec", "step_index"]
@@ -127,42 +125,36 @@ def _sample(
   latents,
   context,
   null_context,
-  edit: EditSpec,
+  controls: EditControls,
   table,
-  num_steps,
-  guidance,
-  eta,
-  cross,
-  self_,
 ):
   unet_fn = _unet_fn(spec.unet, None)
 
   def model_fn(p, z, t, c):
     control = prompt_to_prompt_control(
-      spec=edit,
-      step=step_index(table, num_steps, t[0]),
-      num_steps=num_steps,
-      cross_replace=cross,
-      self_replace=self_,
+      spec=controls.spec,
+      step=step_index(table, controls.num_steps, t[0]),
+      num_steps=controls.num_steps,
+      cross_replace=controls.cross_replace,
+      self_replace=controls.self_replace,
       self_max_tokens=self_max_tokens,
     )
     return unet_fn(p, z, t, c, attention_control=control)
 
-  z = ddim_sample(
-    model_fn=classifier_free_guidance(model_fn, guidance_scale=guidance, null_cond=null_context),
-    params=params,
-    schedule=schedule,
-    x_T=jnp.concatenate([latents, latents]),
-    key=key,
-    cond=context,
-    num_steps=num_steps,
-    eta=eta,
-    prediction=spec.prediction,
-    clip_x0=spec.clip_x0,
-    table=table,
-    eps_from_clipped_x0=False,
+  return _guided_ddim(
+    spec,
+    params,
+    schedule,
+    key,
+    jnp.concatenate([latents, latents]),
+    context,
+    null_context,
+    table,
+    controls.num_steps,
+    controls.guidance,
+    controls.eta,
+    model_fn=model_fn,
   )
-  return spec.decode(params["vae"], z), z
 
 
 def make_prompt_to_prompt(sd: StableDiffusion, *, self_max_tokens: int | None = 16 * 16) -> Callable:
@@ -209,18 +201,12 @@ def make_prompt_to_prompt(sd: StableDiffusion, *, self_max_tokens: int | None = 
     height: int | None = None,
     width: int | None = None,
   ):
-    for value, name in ((cross_replace, "cross_replace"), (self_replace, "self_replace"), (eta, "eta")):
-      check_fraction(value, name)
+    check_fractions(cross_replace=cross_replace, self_replace=self_replace, eta=eta)
     if not isinstance(negative_prompt, str):
       raise ValueError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
     edit_spec = pipeline_edit_spec(sd.tokenizer, sources, edits, kind=kind, reweight=reweight)
     p = len(sources)
-    shape = (p, *_latent_shape(sd, height, width))
-    if latents is None:
-      latents = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
-    latents = jnp.asarray(latents, jnp.float32)
-    if latents.shape != shape:
-      raise ValueError(f"latents must be {list(shape)} for {p} prompt pairs, got {list(latents.shape)}")
+    latents = _initial_latents(sd, key, latents, batch=p, height=height, width=width, what=f"{p} prompt pairs")
     context = encode_prompts(sd, params, list(sources) + list(edits))
     null_context = encode_prompts(sd, params, [negative_prompt] * (2 * p))
     return _sample(
@@ -232,13 +218,15 @@ def make_prompt_to_prompt(sd: StableDiffusion, *, self_max_tokens: int | None = 
       latents,
       context,
       null_context,
-      jax.tree.map(jnp.asarray, edit_spec),
+      edit_controls(
+        edit_spec,
+        num_steps=num_steps,
+        guidance=guidance,
+        eta=eta,
+        cross_replace=cross_replace,
+        self_replace=self_replace,
+      ),
       sched.table(num_steps),
-      jnp.asarray(num_steps, jnp.int32),
-      jnp.asarray(guidance, jnp.float32),
-      jnp.asarray(eta, jnp.float32),
-      jnp.asarray(cross_replace, jnp.float32),
-      jnp.asarray(self_replace, jnp.float32),
     )
 
   return edit
