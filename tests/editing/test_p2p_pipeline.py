@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from diffjax import cli
-from diffjax.editing.p2p_pipeline import build_edit_spec
+from diffjax.editing.p2p_pipeline import EditControls, build_edit_spec, edit_controls
+from diffjax.editing.prompt_to_prompt import check_fractions
 from diffjax.models.text_encoder import minilm_dir
 from diffjax.models.text_tokenizer import PromptTokenizer
 
@@ -49,6 +50,21 @@ def test_edit_spec_per_pair_words_and_errors(tok):
     build_edit_spec(tok, [SRC], [], max_length=L)
   with pytest.raises(ValueError, match="same number of words"):
     build_edit_spec(tok, [SRC], ["a bold 3 to the left of a 5"], max_length=L, kind="replace")
+
+
+def test_edit_controls_are_traced_arrays_and_fractions_are_checked_in_order(tok):
+  spec = build_edit_spec(tok, [SRC], ["a 3 to the left of a 8"], max_length=L)
+  c = edit_controls(spec, num_steps=7, guidance=4.0, eta=0.5, cross_replace=0.8, self_replace=0.4)
+  assert isinstance(c, EditControls) and c.num_steps.dtype == np.int32 and int(c.num_steps) == 7
+  for got, want in ((c.guidance, 4.0), (c.eta, 0.5), (c.cross_replace, 0.8), (c.self_replace, 0.4)):
+    assert isinstance(got, jax.Array) and got.dtype == np.float32 and got.shape == ()
+    assert got == np.float32(want)
+  np.testing.assert_array_equal(c.spec.mapper, spec.mapper)
+  check_fractions(a=0.0, b=1.0)
+  with pytest.raises(ValueError, match=r"first must be in \[0, 1\]"):
+    check_fractions(first=1.5, second=-1.0)
+  with pytest.raises(ValueError, match="second"):
+    check_fractions(first=0.5, second=-1.0)
 
 
 @pytest.fixture(scope="module")
