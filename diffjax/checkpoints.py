@@ -2,11 +2,15 @@
 
 Orbax writes each step to a temporary directory and renames it only once complete, so an interrupted
 save never replaces or corrupts an earlier good checkpoint; ``latest_step`` only sees finished ones.
+:func:`training_checkpointer` opens a run's ``checkpoints/`` and :func:`restore_or_init` starts every
+training loop: from the latest checkpoint when there is one, else from a fresh state.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -57,3 +61,53 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def training_checkpointer(workdir: str, training) -> Checkpointer:
+  """The ``checkpoints/`` of a run's work directory, kept and spaced as the run's config says.
+
+  Args:
+    workdir: the run's work directory.
+    training: the config's ``training`` block (``keep_checkpoints``, ``checkpoint_every``).
+
+  Returns:
+    A :class:`Checkpointer` of ``workdir/checkpoints``.
+  """
+  return Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    max_to_keep=training.keep_checkpoints,
+    save_interval_steps=training.checkpoint_every,
+  )
+
+
+def restore_or_init(
+  ckpt: Checkpointer,
+  *,
+  init: Callable[[], Any],
+  template: Callable[[], Any] | None = None,
+  sharding: jax.sharding.Sharding | None = None,
+) -> tuple[Any, int]:
+  """The latest checkpoint's train state and its step, or a fresh state and step 0.
+
+  How every training loop starts: a run started again on the same work directory continues from its
+  latest finished checkpoint (and, since batch ``k`` and the step keys depend only on the seed and ``k``,
+  continues exactly as an uninterrupted run would).
+
+  Args:
+    ckpt: the run's checkpointer.
+    init: ``() -> state``, the fresh state (a pytree with an int ``step``). Called when there is no
+      checkpoint, and for the restore template when ``template`` is None.
+    template: optional ``() -> pytree`` shaped like the state (arrays or ``jax.ShapeDtypeStruct``, e.g.
+      ``jax.eval_shape`` of the initialiser), restored into instead of calling ``init``.
+    sharding: optional placement of every restored leaf, replacing the template's own.
+
+  Returns:
+    ``(state, start)``: ``start`` is the restored ``state.step``, or 0 for a fresh state.
+  """
+  if ckpt.latest_step() is None:
+    return init(), 0
+  target = init() if template is None else template()
+  if sharding is not None:
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
+  state = ckpt.restore(target)
+  return state, int(jax.device_get(state.step))

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diffjax import parallel
-from diffjax.checkpoints import Checkpointer
+from diffjax.checkpoints import Checkpointer, restore_or_init, training_checkpointer
 from diffjax.data import Prefetcher, to_uint8
 from diffjax.distillation.guided import (
   guided_cond_fn,
@@ -239,16 +239,9 @@ def _run_stage(run: _Run, stage: Stage, *, teacher_params, budget: list) -> tupl
     )
   else:
     init = teacher_params
-  state = jax.jit(lambda p: create_train_state(params=p, tx=tx), out_shardings=run.rep)(_fresh(init, run.rep))
-  ckpt = Checkpointer(
-    os.path.join(stage_dir, "checkpoints"),
-    max_to_keep=t_cfg.keep_checkpoints,
-    save_interval_steps=t_cfg.checkpoint_every,
-  )
-  start = 0
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
-    start = int(jax.device_get(state.step))
+  ckpt = training_checkpointer(stage_dir, t_cfg)
+  new_state = jax.jit(lambda p: create_train_state(params=p, tx=tx), out_shardings=run.rep)
+  state, start = restore_or_init(ckpt, init=lambda: new_state(_fresh(init, run.rep)))
   log = MetricsLog(stage_dir, resume_step=start)
   summary = {"stage": stage.name, "kind": stage.kind, "student_steps": stage.student_steps}
   if start >= stage.num_steps:

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diffjax import parallel
-from diffjax.checkpoints import Checkpointer
+from diffjax.checkpoints import restore_or_init, training_checkpointer
 from diffjax.data import ImageDataset, Prefetcher, load_dataset, split_holdout, to_model_range
 from diffjax.data.photos import load_photo_patches, pad_images
 from diffjax.host_memory import keep_freed_memory_on_cpu
@@ -260,26 +260,19 @@ def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, *, progre
   model = build_autoencoder(config)
   root = jax.random.key(config.seed, impl=config.get("rng_impl", "threefry2x32"))
   rep = parallel.replicated(mesh)
-  ckpt = Checkpointer(
-    os.path.join(workdir, "checkpoints"),
-    max_to_keep=t_cfg.keep_checkpoints,
-    save_interval_steps=t_cfg.checkpoint_every,
-  )
+  ckpt = training_checkpointer(workdir, t_cfg)
 
   def init(key):
     return init_autoencoder_state(config, key, shape)
 
   init_key = jax.random.fold_in(root, _INIT)
-  start = 0
-  if ckpt.latest_step() is not None:
-    # Resuming needs only the state's structure: skip compiling the initialisers.
-    abstract = jax.eval_shape(init, init_key)
-    state = ckpt.restore(
-      jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), abstract)
-    )
-    start = int(jax.device_get(state.step))
-  else:
-    state = jax.jit(init, out_shardings=rep)(init_key)
+  # Resuming needs only the state's structure: skip compiling the initialisers.
+  state, start = restore_or_init(
+    ckpt,
+    init=lambda: jax.jit(init, out_shardings=rep)(init_key),
+    template=lambda: jax.eval_shape(init, init_key),
+    sharding=rep,
+  )
   log = MetricsLog(workdir, resume_step=start)
   step_fn = _compiled_step(config, mesh)
   train_key = jax.device_put(jax.random.fold_in(root, _TRAIN), rep)

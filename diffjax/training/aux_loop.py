@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffjax.checkpoints import Checkpointer
+from diffjax.checkpoints import Checkpointer, restore_or_init, training_checkpointer
 from diffjax.data import ImageDataset, Prefetcher
 from diffjax.host_memory import keep_freed_memory_on_cpu
 from diffjax.training.state import TrainState
@@ -73,16 +73,8 @@ def fit(
   keep_freed_memory_on_cpu()  # reuse the step's freed temporaries (diffjax.host_memory)
   t_cfg = config.training
   write_config(workdir, config)
-  state = init_state()
-  ckpt = Checkpointer(
-    os.path.join(workdir, "checkpoints"),
-    max_to_keep=t_cfg.keep_checkpoints,
-    save_interval_steps=t_cfg.checkpoint_every,
-  )
-  start = 0
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
-    start = int(jax.device_get(state.step))
+  ckpt = training_checkpointer(workdir, t_cfg)
+  state, start = restore_or_init(ckpt, init=init_state)
   log = MetricsLog(workdir, resume_step=start)
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
   num_steps, eval_every = int(t_cfg.num_steps), int(config.eval.every)

@@ -33,7 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diffjax import parallel
-from diffjax.checkpoints import Checkpointer
+from diffjax.checkpoints import Checkpointer, restore_or_init, training_checkpointer
 from diffjax.data import SCENE_TEMPLATES, ImageDataset, to_model_range
 from diffjax.host_memory import keep_freed_memory_on_cpu
 from diffjax.latent import encode_images
@@ -257,18 +257,11 @@ def train_dreambooth(config: ml_collections.ConfigDict, workdir: str, *, progres
     c_class = base.prompts.encode(prompts)
 
   tx = builders.build_optimizer(config)
-  state = create_train_state(params=base.params, tx=tx)
   rep = parallel.replicated(mesh)
-  state = jax.device_put(state, rep)
-  ckpt = Checkpointer(
-    os.path.join(workdir, "checkpoints"),
-    max_to_keep=t_cfg.keep_checkpoints,
-    save_interval_steps=t_cfg.checkpoint_every,
+  ckpt = training_checkpointer(workdir, t_cfg)
+  state, start = restore_or_init(
+    ckpt, init=lambda: jax.device_put(create_train_state(params=base.params, tx=tx), rep)
   )
-  start = 0
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
-    start = int(jax.device_get(state.step))
   log = MetricsLog(workdir, resume_step=start)
   d_cfg = base.config.diffusion
   step_fn = compile_train_step(

@@ -38,7 +38,7 @@ import optax
 from tqdm.auto import tqdm
 
 from diffjax import parallel
-from diffjax.checkpoints import Checkpointer
+from diffjax.checkpoints import Checkpointer, restore_or_init, training_checkpointer
 from diffjax.data import SCENE_TEMPLATES, batch_indices, to_model_range
 from diffjax.host_memory import keep_freed_memory_on_cpu
 from diffjax.models.subject_encoder import SubjectEncoder, SubjectFuser
@@ -197,21 +197,13 @@ def train_fastcomposer(config: ml_collections.ConfigDict, workdir: str, *, progr
   digits, _ = base_digits(base_config)
   if config.data.get("max_scenes"):
     scenes = scenes.subset(np.arange(min(int(config.data.max_scenes), len(scenes))))
-  run, state, tx = build_fastcomposer(config, base, ref_shape=digits.image_shape)
+  run, fresh, tx = build_fastcomposer(config, base, ref_shape=digits.image_shape)
   if is_main:
     with open(os.path.join(workdir, REFERENCE_FILE), "w") as f:
       json.dump({"reference_shape": list(run.ref_shape)}, f)
   rep = parallel.replicated(mesh)
-  state = jax.device_put(state, rep)
-  ckpt = Checkpointer(
-    os.path.join(workdir, "checkpoints"),
-    max_to_keep=t_cfg.keep_checkpoints,
-    save_interval_steps=t_cfg.checkpoint_every,
-  )
-  start = 0
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
-    start = int(jax.device_get(state.step))
+  ckpt = training_checkpointer(workdir, t_cfg)
+  state, start = restore_or_init(ckpt, init=lambda: jax.device_put(fresh, rep))
   log = MetricsLog(workdir, resume_step=start)
 
   table = CaptionTable(scenes.captions, base.prompts)

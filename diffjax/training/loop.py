@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diffjax import parallel
-from diffjax.checkpoints import Checkpointer
+from diffjax.checkpoints import restore_or_init, training_checkpointer
 from diffjax.data import Prefetcher, to_model_range, to_uint8
 from diffjax.host_memory import keep_freed_memory_on_cpu
 from diffjax.images import save_image_grid
@@ -92,16 +92,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
   def init(key):
     return create_train_state(params=builders.init_params(model, key=key, shape=shape), tx=tx)
 
-  state = jax.jit(init, out_shardings=rep)(jax.random.fold_in(root, _INIT))
-  ckpt = Checkpointer(
-    os.path.join(workdir, "checkpoints"),
-    max_to_keep=t_cfg.keep_checkpoints,
-    save_interval_steps=t_cfg.checkpoint_every,
+  ckpt = training_checkpointer(workdir, t_cfg)
+  state, start = restore_or_init(
+    ckpt, init=lambda: jax.jit(init, out_shardings=rep)(jax.random.fold_in(root, _INIT))
   )
-  start = 0
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
-    start = int(jax.device_get(state.step))
   log = MetricsLog(workdir, resume_step=start)
 
   d_cfg = config.diffusion

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diffjax import parallel
-from diffjax.checkpoints import Checkpointer
+from diffjax.checkpoints import restore_or_init, training_checkpointer
 from diffjax.data import SceneDataset, batch_indices, scene_caption, to_model_range, to_uint8
 from diffjax.host_memory import keep_freed_memory_on_cpu
 from diffjax.images import save_image_grid
@@ -112,20 +112,13 @@ def train_text_to_image(config: ml_collections.ConfigDict, workdir: str, *, prog
     write_config(workdir, config)
   train_ds, _ = build_scene_data(config)
   rep = parallel.replicated(mesh)
-  ckpt = Checkpointer(
-    os.path.join(workdir, "checkpoints"),
-    max_to_keep=t_cfg.keep_checkpoints,
-    save_interval_steps=t_cfg.checkpoint_every,
-  )
-  start = 0
+  ckpt = training_checkpointer(workdir, t_cfg)
   resume = ckpt.latest_step() is not None
   # Resuming restores into a shapes-only template: no initialisation is compiled or run.
-  run, state = build_text_run(config, workdir=workdir, train_images=train_ds.images, abstract=resume)
-  if resume:
-    state = ckpt.restore(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), state))
-    start = int(jax.device_get(state.step))
-  else:
-    state = jax.device_put(state, rep)
+  run, fresh = build_text_run(config, workdir=workdir, train_images=train_ds.images, abstract=resume)
+  state, start = restore_or_init(
+    ckpt, init=lambda: jax.device_put(fresh, rep), template=lambda: fresh, sharding=rep
+  )
   log = MetricsLog(workdir, resume_step=start)
   if start >= t_cfg.num_steps:
     ckpt.close()
