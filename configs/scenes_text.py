@@ -14,8 +14,9 @@ latents with v-prediction and min-SNR weighting. Caption dropout 0.1 to the empt
 unconditional branch of classifier-free guidance.
 Variants: ``:pixel`` (same U-Net on 32x64x1 pixels, no autoencoder), ``:small_text`` (a 2-layer text
 encoder trained with the U-Net instead of MiniLM), ``:smoke`` (8x8 sklearn digits, seconds).
-Expect: see experiments/results/text_to_image.md (fraction of scenes with both digits right and in
-order at w = 4, judged per half by the MNIST judge).
+Expect (experiments/results/text_to_image.md; 4,750 steps, 60 min on 2 shared CPU cores): 0.996 of 500
+random prompts give both digits right and in order at w = 4 (0.682 at w = 1), judged per half by the MNIST
+judge; real held-out scenes score 0.964 with the same judge.
 """
 
 import ml_collections
@@ -64,10 +65,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.diffusion.update(schedule="linear", num_timesteps=1000, prediction="v", weighting="min_snr")
   c.training.update(
     batch_size=64,
-    num_steps=1500,
+    # Scenes right at w = 4: 0.11 at 1,250 steps, 0.85 at 3,250 (200 prompts), 0.996 at 4,750 (500).
+    num_steps=4750,
     learning_rate=1e-3,
     warmup_steps=100,
-    lr_decay="cosine",
+    lr_decay="constant",
     cond_drop_prob=0.1,
     ema_decay=0.999,
     log_every=50,
