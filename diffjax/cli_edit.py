@@ -43,6 +43,9 @@ def add_edit_parser(sub) -> None:
   e.add_argument("--blend-words", default=None, help="comma-separated words whose attention masks the edit")
   e.add_argument("--blend-threshold", type=float, default=0.3)
   e.add_argument("--blend-start", type=float, default=0.2, help="fraction of steps before the blend starts")
+  e.add_argument(
+    "--blend-maps", default="lowest", choices=["lowest", "all"], help="cross-attention layers of the blend mask"
+  )
   e.add_argument("--reweight", action="append", default=[], help="WORD=SCALE (repeatable)")
   e.add_argument("--strength", type=float, default=0.6, help="fraction of the schedule re-run, in (0, 1]")
   e.add_argument("--label", type=int, default=None, help="class to edit towards (default: none / the npz's)")
@@ -168,6 +171,7 @@ def _cmd_prompt_to_prompt(args: argparse.Namespace) -> int:
     blend_words=blend,
     blend_threshold=args.blend_threshold,
     blend_start=args.blend_start,
+    blend_maps=args.blend_maps,
     reweight=reweight,
   )
   sources, edited = to_uint8(sources), to_uint8(edited)

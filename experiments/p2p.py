@@ -18,7 +18,9 @@ compared:
 
 Rows: regeneration; prompt-to-prompt with cross-attention replacement (first 80% of the steps) and
 self-attention injection (first 40%); the same plus the local blend on the new digit's word (threshold
-0.3, from 20% of the steps). All rows use the same prompts and noise (DDIM, eta 0, guidance of the run's
+0.3, from 20% of the steps), with its mask from the coarsest cross-attention layers (the default, like the
+authors' 16x16 maps in Stable Diffusion) and, as ablations, from all layers and at thresholds 0.5 and 0.7
+(the authors tune the threshold per edit). All rows use the same prompts and noise (DDIM, eta 0, guidance of the run's
 config). Writes ``experiments/results/<name>.json``/``.md`` and a grid ``<name>_grid.png`` (per pair:
 source, regeneration, then each prompt-to-prompt row). Images of finished rows are kept in
 ``runs/partial/<name>/`` so a stopped run resumes.
@@ -48,7 +50,14 @@ from experiments.trained_run import RESULTS, machine, write_results
 
 SETTINGS = {
   "p2p": {"cross_replace": 0.8, "self_replace": 0.4, "blend": False},
-  "p2p_blend": {"cross_replace": 0.8, "self_replace": 0.4, "blend": True},
+  "p2p_blend": {"cross_replace": 0.8, "self_replace": 0.4, "blend": True, "blend_maps": "lowest"},
+  "p2p_blend_all_layers": {"cross_replace": 0.8, "self_replace": 0.4, "blend": True, "blend_maps": "all"},
+  "p2p_blend_t0.5": {
+    "cross_replace": 0.8, "self_replace": 0.4, "blend": True, "blend_maps": "lowest", "blend_threshold": 0.5
+  },
+  "p2p_blend_t0.7": {
+    "cross_replace": 0.8, "self_replace": 0.4, "blend": True, "blend_maps": "lowest", "blend_threshold": 0.7
+  },
 }
 
 
@@ -171,6 +180,8 @@ def main() -> None:
         cross_replace=s["cross_replace"],
         self_replace=s["self_replace"],
         blend_words=[[q["blend_word"]] for q in batch] if s["blend"] else None,
+        blend_maps=s.get("blend_maps", "lowest"),
+        blend_threshold=s.get("blend_threshold", 0.3),
         kind="replace",
       )
       return to_uint8(src), to_uint8(dst)
@@ -269,7 +280,9 @@ def markdown(r: dict) -> str:
   ]
   for row in r["rows"]:
     cs = f"{row['cross_replace']} / {row['self_replace']}" if "cross_replace" in row else "-"
-    blend = ("yes" if row["blend"] else "no") if "blend" in row else "-"
+    blend = "-" if "blend" not in row else "no"
+    if row.get("blend"):
+      blend = f"{row['blend_maps']} layers, threshold {row.get('blend_threshold', 0.3):g}"
     lines.append(
       f"| {row['setting']} | {cs} | {blend} | {row['unedited_half_l2']:.3f} / "
       f"{row['unedited_half_l2_median']:.3f} "

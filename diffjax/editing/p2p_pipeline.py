@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from diffjax.editing.prompt_to_prompt import EditSpec, check_fractions, prompt_to_prompt_sample
+from diffjax.editing.prompt_to_prompt import BLEND_MAPS, EditSpec, check_fractions, prompt_to_prompt_sample
 from diffjax.editing.token_alignment import align_prompts, token_scales, word_mask
 from diffjax.models.text_tokenizer import PromptTokenizer
 from diffjax.samplers.timesteps import check_num_steps
@@ -159,7 +159,7 @@ def make_prompt_to_prompt(run, *, self_max_tokens: int | None = None) -> Callabl
   Returns:
       ``edit(params, key, sources, edits, *, num_steps=50, guidance=4.0, eta=0.0, cross_replace=0.8,
       self_replace=0.4, kind="auto", blend_words=None, blend_threshold=0.3, blend_start=0.2,
-      reweight=None) -> (source_images, edited_images)``, each float32 ``[P, H, W, C]`` in about
+      blend_maps="lowest", reweight=None) -> (source_images, edited_images)``, each float32 ``[P, H, W, C]`` in about
       ``[-1, 1]``. ``key`` draws the starting noise (as ``make_text_generate`` does).
   """
   config = run.config
@@ -170,8 +170,8 @@ def make_prompt_to_prompt(run, *, self_max_tokens: int | None = None) -> Callabl
   max_length = run.prompts.max_length
   sample_shape = tuple(run.sample_shape)
 
-  @functools.partial(jax.jit, static_argnames=("blend",))
-  def sample(params, codec, key, cond, controls: EditControls, threshold, start, blend):
+  @functools.partial(jax.jit, static_argnames=("blend", "blend_maps"))
+  def sample(params, codec, key, cond, controls: EditControls, threshold, start, blend, blend_maps):
     p = controls.spec.mapper.shape[0]
     x_T = jax.random.normal(jax.random.fold_in(key, 0), (p, *sample_shape), jnp.float32)
     x = prompt_to_prompt_sample(
@@ -191,6 +191,7 @@ def make_prompt_to_prompt(run, *, self_max_tokens: int | None = None) -> Callabl
       blend=blend,
       blend_threshold=threshold,
       blend_start=start,
+      blend_maps=blend_maps,
       self_max_tokens=self_max_tokens,
       text_module=text_module,
       prediction=prediction,
@@ -213,9 +214,12 @@ def make_prompt_to_prompt(run, *, self_max_tokens: int | None = None) -> Callabl
     blend_words: Sequence[str] | None = None,
     blend_threshold: float = 0.3,
     blend_start: float = 0.2,
+    blend_maps: str = "lowest",
     reweight: Mapping[str, float] | None = None,
   ) -> tuple[np.ndarray, np.ndarray]:
     check_num_steps(num_steps, run.schedule.num_timesteps)
+    if blend_maps not in BLEND_MAPS:
+      raise ValueError(f"blend_maps must be one of {BLEND_MAPS}, got {blend_maps!r}")
     check_fractions(
       cross_replace=cross_replace,
       self_replace=self_replace,
@@ -249,6 +253,7 @@ def make_prompt_to_prompt(run, *, self_max_tokens: int | None = None) -> Callabl
       jnp.asarray(blend_threshold, jnp.float32),
       jnp.asarray(blend_start, jnp.float32),
       bool(blend_words),
+      blend_maps,
     )
     out = np.asarray(jax.device_get(out), np.float32)
     p = len(sources)

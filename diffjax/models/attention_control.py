@@ -141,6 +141,7 @@ def token_maps(
   size: Sequence[int],
   layers: Callable[[str], bool] | None = None,
   method: str = "linear",
+  lowest_resolution: bool = False,
 ) -> jnp.ndarray:
   """Per-token cross-attention maps averaged over heads and layers at one resolution.
 
@@ -153,6 +154,9 @@ def token_maps(
       size: ``(H, W)`` of the output maps.
       layers: Predicate on the layer path selecting the layers to average (``None``: all).
       method: Resize method of ``jax.image.resize`` (``"linear"``, ``"nearest"``, ...).
+      lowest_resolution: Average only the selected layers whose maps have the fewest pixels (the
+          coarsest level of the U-Net, where cross-attention is most localised; prompt-to-prompt's
+          local blend uses Stable Diffusion's 16x16 maps for the same reason).
 
   Returns:
       float32 ``[B, H, W, S]``.
@@ -164,11 +168,15 @@ def token_maps(
   chosen = [(name, m) for name, m in maps.items() if layers is None or layers(name)]
   if not chosen:
     raise ValueError(f"the layer predicate selects none of the cross-attention layers {list(maps)}")
-  h, w = (int(v) for v in size)
-  total = None
   for name, m in chosen:
     if m.ndim != 5:
       raise ValueError(f"layer {name!r} has non-spatial maps of shape {m.shape}; need [B, heads, H, W, S]")
+  if lowest_resolution:
+    fewest = min(m.shape[2] * m.shape[3] for _, m in chosen)
+    chosen = [(name, m) for name, m in chosen if m.shape[2] * m.shape[3] == fewest]
+  h, w = (int(v) for v in size)
+  total = None
+  for name, m in chosen:
     mean = jnp.mean(m.astype(jnp.float32), axis=1)
     if mean.shape[1:3] != (h, w):
       mean = jax.image.resize(mean, (mean.shape[0], h, w, mean.shape[3]), method=method)

@@ -187,3 +187,12 @@ def test_shape_errors(tiny):
       unet=unet, params=params, schedule=SCHEDULE, x_T=x_T[:1], key=jax.random.key(0), cond=cond,
       null_cond=null, spec=_spec(), num_steps=2,
     )
+
+
+def test_bad_blend_maps(tiny):
+  unet, params, cond, null, x_T = tiny
+  with pytest.raises(ValueError, match="blend_maps must be one of"):
+    prompt_to_prompt_sample(
+      unet=unet, params=params, schedule=SCHEDULE, x_T=x_T, key=jax.random.key(0), cond=cond,
+      null_cond=null, spec=_spec(), num_steps=2, blend=True, blend_maps="coarse",
+    )

@@ -107,6 +107,10 @@ def test_token_maps_average_heads_and_layers(outputs):
   np.testing.assert_allclose(only, maps[CROSS_LAYERS[0]].mean(axis=1), rtol=1e-6)
   with pytest.raises(ValueError, match="selects none"):
     token_maps(state[ATTENTION_MAPS], size=(8, 16), layers=lambda n: False)
+  coarse = [m.mean(axis=1) for m in maps.values() if m.shape[2:4] == (4, 8)]
+  assert 0 < len(coarse) < len(maps)
+  lowest = token_maps(state[ATTENTION_MAPS], size=(4, 8), lowest_resolution=True)
+  np.testing.assert_allclose(lowest, sum(coarse) / len(coarse), rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError, match="mutable"):
     cross_attention_maps({})
 
