@@ -181,18 +181,18 @@ def restore_saved(
     ValueError: ``step`` is not one of the saved steps (the message lists those that are).
   """
   directory = checkpoint_dir(path)
-  steps = saved_steps(directory)
-  if not steps:
-    if not os.path.isdir(path):
-      raise FileNotFoundError(f"no checkpoint found: {path!r} is not a directory")
-    where = repr(directory) if directory != path else f"{path!r} (it has no checkpoints/ directory)"
-    raise FileNotFoundError(f"no checkpoint found in {where}")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise ValueError(f"{what} {step} not found in {directory!r}; available: {steps}")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoint found: {path!r} is not a directory")
   ckpt = Checkpointer(directory, create=False)
   try:
+    steps = sorted(ckpt.all_steps())
+    if not steps:
+      where = repr(directory) if directory != path else f"{path!r} (it has no checkpoints/ directory)"
+      raise FileNotFoundError(f"no checkpoint found in {where}")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise ValueError(f"{what} {step} not found in {directory!r}; available: {steps}")
     return ckpt.restore(_placed(template, sharding), step=int(step)), int(step)
   finally:
     ckpt.close()
