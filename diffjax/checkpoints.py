@@ -4,6 +4,8 @@ Orbax writes each step to a temporary directory and renames it only once complet
 save never replaces or corrupts an earlier good checkpoint; ``latest_step`` only sees finished ones.
 :func:`training_checkpointer` opens a run's ``checkpoints/`` and :func:`restore_or_init` starts every
 training loop: from the latest checkpoint when there is one, else from a fresh state.
+:func:`restore_saved` is the loading side (sampling, evaluation, a teacher or base model): the latest or
+a chosen step of a finished run, with one clear error when there is none.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from flax import serialization
 class Checkpointer:
   """A thin wrapper around ``ocp.CheckpointManager`` for one pytree (e.g. a ``TrainState``)."""
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1000):
+  def __init__(
+    self, directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1000, create: bool = True
+  ):
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
     if save_interval_steps < 1:
@@ -29,7 +33,7 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True
+        max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=create
       ),
     )
 
@@ -107,7 +111,88 @@ def restore_or_init(
   if ckpt.latest_step() is None:
     return init(), 0
   target = init() if template is None else template()
-  if sharding is not None:
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), target)
-  state = ckpt.restore(target)
+  state = ckpt.restore(_placed(target, sharding))
   return state, int(jax.device_get(state.step))
+
+
+def _placed(template, sharding: jax.sharding.Sharding | None):
+  """``template`` as shapes and dtypes placed on ``sharding`` (unchanged when it is None)."""
+  if sharding is None:
+    return template
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), template)
+
+
+def checkpoint_dir(path: str) -> str:
+  """Where the checkpoints of ``path`` are: its ``checkpoints/`` if it has one, else ``path`` itself.
+
+  Args:
+    path: a run's work directory or a checkpoints directory.
+  """
+  sub = os.path.join(path, "checkpoints")
+  return sub if os.path.isdir(sub) else path
+
+
+def saved_steps(path: str) -> list[int]:
+  """The finished checkpoint steps of ``path`` (see :func:`checkpoint_dir`), ascending; creates nothing.
+
+  Args:
+    path: a run's work directory or a checkpoints directory.
+
+  Returns:
+    The steps, or ``[]`` when there are none (or ``path`` does not exist). Saves still in progress
+    (orbax's temporary directories) are not listed.
+  """
+  directory = checkpoint_dir(path)
+  if not os.path.isdir(directory):
+    return []
+  ckpt = Checkpointer(directory, create=False)
+  try:
+    return sorted(ckpt.all_steps())
+  finally:
+    ckpt.close()
+
+
+def restore_saved(
+  path: str,
+  template: Any,
+  *,
+  step: int | None = None,
+  sharding: jax.sharding.Sharding | None = None,
+  what: str = "checkpoint step",
+) -> tuple[Any, int]:
+  """A saved state of a run, restored for use (sampling, evaluation, a teacher): latest step by default.
+
+  The loading-side counterpart of :func:`restore_or_init`: nothing is created, deleted or saved, and a
+  missing checkpoint is an error rather than a fresh start.
+
+  Args:
+    path: a run's work directory (its ``checkpoints/`` is read) or a checkpoints directory.
+    template: a pytree shaped like the saved state (arrays or ``jax.ShapeDtypeStruct``, e.g.
+      ``jax.eval_shape`` of the initialiser); the restored state has its structure and dtypes.
+    step: the step to restore; None for the latest.
+    sharding: optional placement of every restored leaf, replacing the template's own.
+    what: how the requested step is named in the error (e.g. ``"--checkpoint-step"`` for a flag).
+
+  Returns:
+    ``(state, step)``: the restored state and the step it was saved at.
+
+  Raises:
+    FileNotFoundError: ``path`` holds no finished checkpoint (the message names the directory).
+    ValueError: ``step`` is not one of the saved steps (the message lists those that are).
+  """
+  directory = checkpoint_dir(path)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoint found: {path!r} is not a directory")
+  ckpt = Checkpointer(directory, create=False)
+  try:
+    steps = sorted(ckpt.all_steps())
+    if not steps:
+      where = repr(directory) if directory != path else f"{path!r} (it has no checkpoints/ directory)"
+      raise FileNotFoundError(f"no checkpoint found in {where}")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise ValueError(f"{what} {step} not found in {directory!r}; available: {steps}")
+    return ckpt.restore(_placed(template, sharding), step=int(step)), int(step)
+  finally:
+    ckpt.close()

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diffjax import parallel
-from diffjax.checkpoints import Checkpointer, restore_or_init, training_checkpointer
+from diffjax.checkpoints import restore_or_init, restore_saved, saved_steps, training_checkpointer
 from diffjax.data import Prefetcher, to_uint8
 from diffjax.distillation.guided import (
   guided_cond_fn,
@@ -110,6 +110,10 @@ def restore_final_params(ckpt_dir: str, *, model: UNet, tx, image_shape, step: i
 
   The restore template comes from ``jax.eval_shape`` (shapes only, placed on the default device), so no
   initialisation is compiled or run: restoring is as cheap as reading the checkpoint.
+
+  Raises:
+    FileNotFoundError: If ``ckpt_dir`` holds no checkpoint.
+    ValueError: If ``step`` is not one of the saved steps.
   """
   x, t = np.zeros((1, *image_shape), np.float32), np.zeros((1,), np.int32)
   y = None if model.num_classes is None else np.zeros((1,), np.int32)
@@ -119,14 +123,7 @@ def restore_final_params(ckpt_dir: str, *, model: UNet, tx, image_shape, step: i
     return create_train_state(params=model.init({"params": key}, x, t, y, **kw)["params"], tx=tx)
 
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(
-    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), jax.eval_shape(init, jax.random.key(0))
-  )
-  ckpt = Checkpointer(ckpt_dir)
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint found in {ckpt_dir!r}")
-  state = ckpt.restore(abstract, step=step)
-  ckpt.close()
+  state, _ = restore_saved(ckpt_dir, jax.eval_shape(init, jax.random.key(0)), step=step, sharding=device)
   return state.ema_params
 
 
@@ -367,8 +364,9 @@ def load_stage(workdir: str, name: str):
   schedule = builders.build_schedule(top.teacher_config)
   shape = builders.image_shape(top.teacher_config)
   ckpt_dir = os.path.join(stage_dir, "checkpoints")
-  latest = Checkpointer(ckpt_dir).latest_step()
-  if latest != cfg.stage.num_steps:
+  steps = saved_steps(ckpt_dir)
+  if not steps or steps[-1] != cfg.stage.num_steps:
+    latest = steps[-1] if steps else None
     raise FileNotFoundError(f"stage {name!r} in {workdir!r} is not finished (latest checkpoint {latest})")
   tx = stage_optimizer(top, num_steps=int(cfg.stage.num_steps))
   params = restore_final_params(ckpt_dir, model=model, tx=tx, image_shape=shape)

@@ -14,7 +14,7 @@ import os
 import jax
 import ml_collections
 
-from diffjax.checkpoints import Checkpointer
+from diffjax.checkpoints import restore_saved
 from diffjax.models.autoencoder import AutoencoderKL
 from diffjax.training.autoencoder_loop import LATENT_STATS_FILE, build_autoencoder, init_autoencoder_state
 from diffjax.training.workdir import read_config
@@ -57,27 +57,17 @@ def load_autoencoder(
 
   Raises:
       FileNotFoundError: No config, checkpoint or latent statistics.
-      ValueError: The statistics were computed for another step or parameter set than the ones loaded.
+      ValueError: ``step`` is not one of the saved steps, or the statistics were computed for another
+          step or parameter set than the ones loaded.
   """
   config = load_autoencoder_config(workdir)
   use_ema = config.eval.use_ema if ema is None else ema
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f"workdir {workdir!r} has no checkpoints/ directory")
-  ckpt = Checkpointer(ckpt_dir, max_to_keep=config.training.keep_checkpoints)
-  steps = ckpt.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint found in {ckpt_dir!r}")
-  if step is not None and step not in steps:
-    raise ValueError(f"checkpoint step {step} not found; available: {sorted(steps)}")
-  step = max(steps) if step is None else step
   # Parameter shapes do not depend on the image size (all layers are convolutions); the template needs
   # only shapes, and eval_shape avoids compiling the initialisers.
   side = max(32, 4 * 2 ** (len(config.model.block_out_channels) - 1))
   shape = (side, side, config.model.in_channels)
   template = jax.eval_shape(lambda k: init_autoencoder_state(config, k, shape), jax.random.key(0))
-  state = ckpt.restore(template, step=step)
-  ckpt.close()
+  state, step = restore_saved(workdir, template, step=step)
   params = (state.ema_params if use_ema else state.params)["vae"]
   stats = read_latent_stats(workdir)
   which = "ema" if use_ema else "raw"

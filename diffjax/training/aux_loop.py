@@ -8,7 +8,6 @@ run restores the latest checkpoint and continues exactly (batch k and the step's
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 
@@ -17,7 +16,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffjax.checkpoints import Checkpointer, restore_or_init, training_checkpointer
+from diffjax.checkpoints import restore_or_init, restore_saved, training_checkpointer
 from diffjax.data import ImageDataset, Prefetcher
 from diffjax.host_memory import keep_freed_memory_on_cpu
 from diffjax.training.state import TrainState
@@ -31,17 +30,9 @@ def restore_state(workdir: str, template: TrainState, *, step: int | None = None
 
   Raises:
       FileNotFoundError: If ``workdir`` holds no checkpoint.
+      ValueError: If ``step`` is not one of the saved steps.
   """
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f"workdir {workdir!r} has no checkpoints/ directory")
-  ckpt = Checkpointer(ckpt_dir)
-  try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"no checkpoint found in {ckpt_dir!r}")
-    return ckpt.restore(template, step=step)
-  finally:
-    ckpt.close()
+  return restore_saved(workdir, template, step=step)[0]
 
 
 def fit(

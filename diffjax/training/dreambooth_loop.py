@@ -33,7 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from diffjax import parallel
-from diffjax.checkpoints import Checkpointer, restore_or_init, training_checkpointer
+from diffjax.checkpoints import restore_or_init, restore_saved, training_checkpointer
 from diffjax.data import SCENE_TEMPLATES, ImageDataset, to_model_range
 from diffjax.host_memory import keep_freed_memory_on_cpu
 from diffjax.latent import encode_images
@@ -347,6 +347,7 @@ def load_dreambooth(workdir: str, *, step: int | None = None) -> tuple[TextRun, 
 
   Raises:
       FileNotFoundError: If the work directory, its checkpoints or the base run are missing.
+      ValueError: If ``step`` is not one of the saved steps.
   """
   config = read_config(workdir)
   subject_path = os.path.join(workdir, "subject.npz")
@@ -355,10 +356,6 @@ def load_dreambooth(workdir: str, *, step: int | None = None) -> tuple[TextRun, 
   run = load_base(config)
   tx = builders.build_optimizer(config)
   template = jax.eval_shape(lambda p: create_train_state(params=p, tx=tx), run.params)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.training.keep_checkpoints)
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint found in {workdir!r}")
-  state = ckpt.restore(template, step=step)
-  ckpt.close()
-  run = dataclasses.replace(run, params=state.params, step=int(jax.device_get(state.step)))
+  state, step = restore_saved(workdir, template, step=step)
+  run = dataclasses.replace(run, params=state.params, step=step)
   return run, Subject.load(subject_path)

@@ -38,7 +38,7 @@ import optax
 from tqdm.auto import tqdm
 
 from diffjax import parallel
-from diffjax.checkpoints import Checkpointer, restore_or_init, training_checkpointer
+from diffjax.checkpoints import restore_or_init, restore_saved, training_checkpointer
 from diffjax.data import SCENE_TEMPLATES, batch_indices, to_model_range
 from diffjax.host_memory import keep_freed_memory_on_cpu
 from diffjax.models.subject_encoder import SubjectEncoder, SubjectFuser
@@ -286,17 +286,13 @@ def load_fastcomposer(workdir: str, *, step: int | None = None, ema: bool = True
 
   Raises:
       FileNotFoundError: If the work directory, its checkpoints or the base run are missing.
+      ValueError: If ``step`` is not one of the saved steps.
   """
   config = read_config(workdir)
   base = load_base(config)
   with open(os.path.join(workdir, REFERENCE_FILE)) as f:
     ref_shape = tuple(int(v) for v in json.load(f)["reference_shape"])
   run, template, _ = build_fastcomposer(config, base, ref_shape=ref_shape, abstract=True)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.training.keep_checkpoints)
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint found in {workdir!r}")
-  state = ckpt.restore(template, step=step)
-  ckpt.close()
+  state, run.step = restore_saved(workdir, template, step=step)
   run.params = state.ema_params if ema else state.params
-  run.step = int(jax.device_get(state.step))
   return run

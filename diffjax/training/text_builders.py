@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffjax.checkpoints import Checkpointer
+from diffjax.checkpoints import restore_saved
 from diffjax.data import SceneDataset, load_dataset, make_scenes, split_holdout
 from diffjax.latent import CODEC_FILES, LatentCodec, channel_normalized, load_codec, save_codec
 from diffjax.models.unet_condition import UNetCondition
@@ -230,18 +230,7 @@ def load_text_run(workdir: str, *, step: int | None = None, ema: bool = True) ->
     os.path.isfile(os.path.join(workdir, n)) for n in CODEC_FILES
   ):
     raise FileNotFoundError(f"workdir {workdir!r} lacks its autoencoder copy ({', '.join(CODEC_FILES)})")
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f"workdir {workdir!r} has no checkpoints/ directory")
   run, template = build_text_run(config, workdir=workdir, abstract=True)
-  ckpt = Checkpointer(ckpt_dir, max_to_keep=config.training.keep_checkpoints)
-  steps = ckpt.all_steps()
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint found in {ckpt_dir!r}")
-  if step is not None and step not in steps:
-    raise ValueError(f"checkpoint step {step} not found; available: {sorted(steps)}")
-  state = ckpt.restore(template, step=step)
-  ckpt.close()
+  state, run.step = restore_saved(workdir, template, step=step)
   run.params = state.ema_params if ema else state.params
-  run.step = int(jax.device_get(state.step))
   return run
