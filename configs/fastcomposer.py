@@ -17,9 +17,9 @@ Sampling: text-only context for the first 0.2 of the DDIM steps (delayed subject
 Sized for about ten minutes on 2 shared CPU cores (2,000 steps of batch 16).
 Variants: ``:no_loc`` (localization weight 0: the loss is only logged), ``:smoke`` (tiny; needs a
 base_workdir).
-Expect (what experiments/personalization.py measures; not yet run on the MNIST base): subject fidelity on
-unseen digits comparable to DreamBooth's without fine-tuning, fewer swapped or merged subjects in
-two-subject prompts with the localization loss than without.
+Expect (experiments/results/personalization.md, on the 4,750-step scenes base): subject fidelity 0.63 on
+unseen digits without fine-tuning (DreamBooth 0.68-0.77, base 0.32); two-subject prompts right 0.84 with the
+localization loss vs 0.44 without (merged 0.13 vs 0.38).
 """
 
 import ml_collections
