@@ -41,8 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     {
       "localization_weight": 0.05,
       # Path prefixes of the layers of the loss (empty: every cross-attention layer). FastComposer's code
-      # leaves out Stable Diffusion's highest-resolution layers; here that leaves the 4x8 level, where a
-      # digit word's attention is 6-9x stronger in its own half (at 8x16 it is spread evenly).
+      # leaves out Stable Diffusion's highest-resolution layers; here that leaves the 4x8 level (the level
+      # whose maps make prompt-to-prompt's local blend work, experiments/results/p2p.md).
       "localization_layers": ("down_blocks_1", "mid_block", "up_blocks_0"),
       "uncondition_prob": 0.1,
       "text_only_prob": 0.1,

@@ -65,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.diffusion.update(schedule="linear", num_timesteps=1000, prediction="v", weighting="min_snr")
   c.training.update(
     batch_size=64,
-    # Scenes right at w = 4: 0.11 at 1,250 steps, 0.85 at 3,250 (200 prompts), 0.996 at 4,750 (500).
+    # Scenes right at w = 4 after 4,750 steps: 0.996 (experiments/results/text_to_image.md).
     num_steps=4750,
     learning_rate=1e-3,
     warmup_steps=100,
