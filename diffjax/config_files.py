@@ -2,6 +2,10 @@
 
 A config file defines ``get_config(arg=None) -> ml_collections.ConfigDict``; ``arg`` is the text after
 the colon (big_vision's convention). Sibling modules of the config file are importable from it.
+
+Override values are parsed against the current value's type: booleans accept true/false/1/0/yes/no,
+numbers and tuples are Python literals, ``none``/``null`` clears a non-string field; a string field takes
+the text verbatim (``--config.diffusion.weighting=none`` is the string "none"), and only ``None`` clears it.
 """
 
 from __future__ import annotations
@@ -46,14 +50,16 @@ def _parse_value(text: str, current):
     if low in ("false", "0", "no"):
       return False
     raise ValueError(f"expected a boolean, got {text!r}")
+  if isinstance(current, str):
+    # A string field takes the text verbatim ("none" is a valid value, e.g. diffusion.weighting);
+    # only Python's spelling ``None`` clears it.
+    return None if text == "None" else text
   if text.lower() in ("none", "null"):
     return None
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
     value = text
-  if isinstance(current, str):
-    return text
   if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
   if isinstance(current, tuple) and isinstance(value, list):

@@ -6,7 +6,7 @@
       --data-path ../shared/data/mnist
 
 For a model trained with ``experiments/ddpm_run.py`` (MNIST config), samples class-conditionally (w = 1,
-no guidance) with DDIM eta = 0 and eta = 1 at 10/20/50/100 steps and with DDPM ancestral sampling at all
+no guidance; ``--guidance 0`` samples the unconditional branch, like the paper's unconditional models) with DDIM eta = 0 and eta = 1 at 10/20/50/100 steps and with DDPM ancestral sampling at all
 1000 steps, every setting from the same labels and initial noise, and scores each set with the judge:
 Fréchet distance on judge features, precision/recall and class accuracy. DDIM's paper finds
 deterministic DDIM (eta = 0) best at few steps, with the gap closing as steps grow, and 50-100 DDIM steps
@@ -50,6 +50,10 @@ def main() -> None:
     "--spacing", default="uniform", choices=["uniform", "quadratic", "trailing"],
     help="DDIM timestep subset (DDIM's paper: uniform, quadratic for CIFAR-10)",
   )
+  p.add_argument(
+    "--guidance", type=float, default=1.0,
+    help="CFG weight w: 1 = class-conditional, 0 = the unconditional branch (DDIM's Table 1 models)",
+  )
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--name", default="ddim_steps")
   a = p.parse_args()
@@ -79,6 +83,7 @@ def main() -> None:
       "seed": a.seed,
       "clip_x0": clip,
       "spacing": a.spacing,
+      "guidance": a.guidance,
       "step": run.step,
     },
   )
@@ -128,7 +133,7 @@ def main() -> None:
       "judge": a.judge,
       "judge_heldout_accuracy": judge_info.get("heldout_accuracy"),
       "num_samples": a.num,
-      "guidance": 1.0,
+      "guidance": a.guidance,
       "clip_x0": clip,
       "spacing": a.spacing,
       "seed": a.seed,
@@ -142,7 +147,8 @@ def main() -> None:
       + ("" if complete else " (partial: the run is still going or stopped early)")
       + "\n",
       (
-        f"`{result['command']}` on {result['machine']}; {a.num} class-conditional samples per row (w = 1), "
+        f"`{result['command']}` on {result['machine']}; {a.num} samples per row (guidance w = {a.guidance:g}; "
+        f"{'the unconditional branch' if a.guidance == 0 else 'class-conditional'}), "
         f"same labels and initial noise in every row; predicted x0 clipped to {clip}; DDIM timesteps {a.spacing}; judge held-out accuracy on real images "
         f"{judge_info.get('heldout_accuracy')}. Fréchet distance (FD) on judge features against all "
         f"{scorer.num_reference} real images; lower is better.\n"
@@ -161,7 +167,7 @@ def main() -> None:
 
   for eta in a.etas:
     for steps in a.steps:
-      images = record("ddim", eta, steps, {"num_steps": steps, "guidance": 1.0, "eta": eta}, ddim)
+      images = record("ddim", eta, steps, {"num_steps": steps, "guidance": a.guidance, "eta": eta}, ddim)
       if steps == max(a.steps) and images is not None:
         save_image_grid(
           images[:100], os.path.join("experiments/results", f"{a.name}_ddim_eta{eta:g}.png"), nrow=10
@@ -169,7 +175,7 @@ def main() -> None:
   if not a.no_ddpm:
     T = run.schedule.num_timesteps
     ddpm = make_generate(sampler="ddpm", **common)
-    images = record("ddpm", 1.0, T, {"guidance": 1.0}, ddpm)
+    images = record("ddpm", 1.0, T, {"guidance": a.guidance}, ddpm)
     if images is not None:
       save_image_grid(images[:100], os.path.join("experiments/results", f"{a.name}_ddpm.png"), nrow=10)
   report(complete=True)

@@ -172,10 +172,9 @@ def main() -> None:
     "psnr_db_diffjax": psnr(rec, x),
   }
 
-  steps_saved = sorted(int(s) for s in os.listdir(os.path.join(a.workdir, "checkpoints")) if s.isdigit())
   result = {
     "workdir": os.path.abspath(a.workdir),
-    "checkpoint_step": steps_saved[-1],
+    "checkpoint_step": run.step,
     "autoencoder": os.path.abspath(a.autoencoder),
     "judge": os.path.abspath(a.judge),
     "num": a.num,

@@ -289,7 +289,7 @@ def part_trained(workdir: str, num: int, name: str) -> dict:
   grid = np.stack([np.asarray(c) for c in cols], axis=1).reshape(-1, *run.image_shape)
   save_image_grid(to_uint8(grid), os.path.join("experiments", "results", f"{name}_trained.png"), nrow=len(cols))
   per = [v for v in (psnr(sparse[i], dense[i]) for i in range(num)) if v is not None]
-  step = max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  step = run.step
   out = {
     "workdir": workdir,
     "checkpoint_step": step,

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from diffjax.checkpoints import saved_steps
 from diffjax.data import load_dataset, to_uint8
 from diffjax.eval import load_judge
 from diffjax.eval.metrics import SampleScorer
@@ -53,9 +54,8 @@ def load_run(workdir: str) -> TrainedRun:
   meanwhile) and kept in ``TrainedRun.step``, so cached rows of an older checkpoint are never reused.
   """
   config = read_config(workdir)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
-  step = max(steps) if steps else None
+  steps = saved_steps(workdir)
+  step = steps[-1] if steps else None
   model, schedule, params = load_trained(config, workdir, step=step)
   if getattr(model, "num_classes", None) is None:
     raise ValueError(f"workdir {workdir!r} holds an unconditional model; the experiments need class labels")
