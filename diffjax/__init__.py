@@ -11,3 +11,7 @@ Everything consumes one interface, ``model_fn(params, x_t, t, cond) -> predictio
 """
 
 __version__ = "0.1.0"
+
+from diffjax.xla_cpu import install_cpu_flags as _install_cpu_flags
+
+_install_cpu_flags()  # XLA:CPU convolutions on XNNPACK (see diffjax.xla_cpu); before any computation

@@ -15,9 +15,10 @@ For each resolution it profiles a few steps of each framework after warm-up:
 Per class it reports ms per step on each side and their ratio, so the class that costs diffjax most
 relative to PyTorch is the one to attack next (issue: train steps/s vs PyTorch). Times are wall time of
 each op on the calling thread (ops run one after another on both sides; each uses the intra-op threads).
-Absolute times depend on the machine's load; run it on a quiet machine.
+Absolute times depend on the machine's load; run it on a quiet machine. diffjax runs with its defaults
+(XNNPACK convolutions, :mod:`diffjax.xla_cpu`; ``DIFFJAX_CPU_CONV=xla`` profiles XLA's default instead).
 
-Run:   python experiments/profile_train_step.py                 (28x28x1 and 32x32x3, ~3 min)
+Run:   DIFFJAX_CPU_CONV=xla python experiments/profile_train_step.py   (28x28x1 and 32x32x3, ~3 min)
        python experiments/profile_train_step.py --res 8x8x1 --steps 2 --name profile_quick
 Writes experiments/results/profile_train_step.json and .md.
 """
@@ -42,6 +43,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_unet import TorchTrainer, new_state, setup
 from trained_run import machine, write_results
+
+from diffjax.xla_cpu import cpu_conv_library
 
 CLASSES = (
   "conv forward",
@@ -83,7 +86,7 @@ def jax_class(name: str, line: str, bodies: dict[str, str]) -> str:
   op = re.search(r'op_name="([^"]*)"', line)
   op = op.group(1) if op else ""
   called = re.search(r"calls=%([^,\s]+)", line)
-  body = bodies.get(called.group(1), "") if called else ""
+  body = bodies.get(called.group(1), "") if called else line  # unfused ops (e.g. XNNPACK convolutions)
   if name.startswith("while") and ("attend" in op or "attention" in op):
     return "attention core"
   conv = re.search(r"convolution\(.*window=\{size=(\d+)x(\d+)", body)
@@ -190,6 +193,7 @@ def main() -> None:
     "command": "python " + " ".join(sys.argv),
     "machine": machine(),
     "versions": {"jax": jax.__version__, "torch": torch.__version__},
+    "diffjax_cpu_conv": cpu_conv_library(),
     "load_average_start_end": [load0, os.getloadavg()[0]],
     "batch": a.batch,
     "steps": a.steps,
@@ -199,6 +203,8 @@ def main() -> None:
   lines = [
     f"# {a.name}: U-Net training step by op class, diffjax vs PyTorch\n",
     f"`{result['command']}` on {result['machine']}; jax {jax.__version__}, torch {torch.__version__}; "
+    f"diffjax convolutions: {cpu_conv_library()} (`DIFFJAX_CPU_CONV`; XNNPACK's convolution thunks are not "
+    "attributed by this script, so profile with `DIFFJAX_CPU_CONV=xla` for the conv rows); "
     f"batch {a.batch}, {a.steps} profiled steps per side after warm-up; load average "
     f"{load0:.1f} at start, {os.getloadavg()[0]:.1f} at end (PyTorch's threads slow down badly when other "
     "jobs hold the cores). ms per step of op wall time under the profilers (which add overhead: compare a "
