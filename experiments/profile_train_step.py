@@ -56,11 +56,17 @@ CLASSES = (
   "dense",
   "layout copies",
   "other",
+  "not attributed",
+)
+UNATTRIBUTED_NOTE = (
+  "`not attributed` is the traced steps' wall time minus the ops above: dispatch gaps and, with XNNPACK "
+  "convolutions (diffjax's CPU default), the convolutions themselves, whose thunks return before the "
+  "library finishes and so carry almost none of their time"
 )
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, str]:
-  """Top-level instruction name -> its HLO line (with metadata), and fused computations by name."""
+  """Every instruction's name -> its HLO line with metadata (entry, loop bodies and fusions alike)."""
   out = {}
   for line in hlo_text.splitlines():
     m = re.match(r"\s+(?:ROOT )?%(\S+) = ", line)
@@ -70,6 +76,7 @@ def hlo_instructions(hlo_text: str) -> dict[str, str]:
 
 
 def fused_bodies(hlo_text: str) -> dict[str, str]:
+  """Computation name -> the text of its body (to see what a fusion computes)."""
   bodies, name, lines = {}, None, []
   for line in hlo_text.splitlines():
     m = re.match(r"%(\S+) \(", line)
@@ -119,9 +126,11 @@ def profile_jax(p, steps: int) -> dict:
     plain.append(time.perf_counter() - t0)
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d, create_perfetto_trace=True):
+      t0 = time.perf_counter()
       for _ in range(steps):
         state, m = compiled(state, p["batch"], key)
       jax.block_until_ready(m)
+      traced_ms = (time.perf_counter() - t0) / steps * 1e3
     (path,) = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
     with gzip.open(path) as f:
       trace = json.load(f)
@@ -136,6 +145,7 @@ def profile_jax(p, steps: int) -> dict:
     if count[name] > steps:  # runs inside a loop body: already inside its loop's time
       continue
     by_class[jax_class(name, lines[name], bodies)] += us / steps / 1e3
+  by_class["not attributed"] = max(0.0, traced_ms - sum(by_class.values()))
   return {"ms": dict(by_class), "plain_step_ms": float(np.median(plain)) * 1e3}
 
 
@@ -167,12 +177,15 @@ def profile_torch(p, steps: int) -> dict:
     trainer.step(*p["t_batch"])
     plain.append(time.perf_counter() - t0)
   with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    t0 = time.perf_counter()
     for _ in range(steps):
       trainer.step(*p["t_batch"])
+    traced_ms = (time.perf_counter() - t0) / steps * 1e3
   by_class = collections.Counter()
   for ev in prof.key_averages():
     cls = torch_class(ev.key)
     by_class[cls] += ev.self_cpu_time_total / steps / 1e3
+  by_class["not attributed"] = max(0.0, traced_ms - sum(by_class.values()))
   return {"ms": dict(by_class), "plain_step_ms": float(np.median(plain)) * 1e3}
 
 
@@ -183,6 +196,13 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=3, help="profiled steps per framework")
   ap.add_argument("--name", default="profile_train_step")
   a = ap.parse_args()
+  for res in a.res:
+    if not re.fullmatch(r"[1-9]\d*x[1-9]\d*x[1-9]\d*", res):
+      ap.error(f"--res: expected HxWxC with positive integers (e.g. 28x28x1), got {res!r}")
+  if a.steps < 1:
+    ap.error(f"--steps: expected a positive number of profiled steps, got {a.steps}")
+  if a.batch < 1:
+    ap.error(f"--batch: expected a positive batch size, got {a.batch}")
   t_start, load0 = time.perf_counter(), os.getloadavg()[0]
   rows = {}
   for res in a.res:
@@ -203,8 +223,8 @@ def main() -> None:
   lines = [
     f"# {a.name}: U-Net training step by op class, diffjax vs PyTorch\n",
     f"`{result['command']}` on {result['machine']}; jax {jax.__version__}, torch {torch.__version__}; "
-    f"diffjax convolutions: {cpu_conv_library()} (`DIFFJAX_CPU_CONV`; XNNPACK's convolution thunks are not "
-    "attributed by this script, so profile with `DIFFJAX_CPU_CONV=xla` for the conv rows); "
+    f"diffjax convolutions: {cpu_conv_library()} (`DIFFJAX_CPU_CONV`; {UNATTRIBUTED_NOTE}: profile with "
+    "`DIFFJAX_CPU_CONV=xla` to split the convolution rows); "
     f"batch {a.batch}, {a.steps} profiled steps per side after warm-up; load average "
     f"{load0:.1f} at start, {os.getloadavg()[0]:.1f} at end (PyTorch's threads slow down badly when other "
     "jobs hold the cores). ms per step of op wall time under the profilers (which add overhead: compare a "

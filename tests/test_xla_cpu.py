@@ -79,3 +79,23 @@ def test_install_appends_flags_once_and_respects_the_user():
 def test_bad_setting_names_the_variable():
   with pytest.raises(ValueError, match="DIFFJAX_CPU_CONV"):
     cpu_conv_library({"DIFFJAX_CPU_CONV": "onednn"})
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_warns_only_when_imported_after_the_backend_started(late):
+  code = "import warnings; warnings.simplefilter('always')\n"
+  code += (
+    "import jax, jax.numpy as jnp; jnp.ones(1).block_until_ready()\nimport diffjax\n"
+    if late
+    else "import diffjax\n"
+  )
+  env = {**os.environ}
+  env.pop("DIFFJAX_CPU_CONV", None)
+  env["XLA_FLAGS"] = " ".join(
+    f for f in env.get("XLA_FLAGS", "").split() if "ynn_fusion_type" not in f and "xnn_fusion_type" not in f
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code], check=False, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert ("do not apply in this process" in proc.stderr) == late, proc.stderr[-3000:]
