@@ -3,7 +3,12 @@
 Standard FID on Inception-v3 features, for users with the weights on disk: :mod:`diffjax.eval.inception`.
 """
 
-from diffjax.eval.frechet import frechet_distance, frechet_distance_from_features, gaussian_stats
+from diffjax.eval.frechet import (
+  frechet_distance,
+  frechet_distance_from_features,
+  frechet_distance_infinity,
+  gaussian_stats,
+)
 from diffjax.eval.inception import (
   INCEPTION_FEATURE_DIM,
   INCEPTION_SIZE,
@@ -27,6 +32,7 @@ __all__ = [
   "features_and_logits",
   "frechet_distance",
   "frechet_distance_from_features",
+  "frechet_distance_infinity",
   "gaussian_stats",
   "in_manifold",
   "inception_features",

@@ -13,13 +13,25 @@ use the same judge.
 ``S1 S2`` is similar to the symmetric PSD matrix ``A = S1^{1/2} S2 S1^{1/2}``, so its eigenvalues are
 those of ``A`` and ``Tr (S1 S2)^{1/2} = sum_i sqrt(lambda_i(A))``. Both steps use ``numpy.linalg.eigh``
 on symmetric matrices; round-off negative eigenvalues are clipped to 0.
+
+The Fréchet distance of ``N`` samples is a biased estimate of the distance between the distributions,
+and the bias (about ``c / N``, ``c`` depending on the generator) differs between generators, so two
+models compared at small ``N`` can rank the other way round at large ``N``.
+:func:`frechet_distance_infinity` removes it as Chong & Forsyth 2020 do for FID ("Effectively Unbiased FID
+and Inception Score and where to find them", FID-infinity): it evaluates the distance on subsets of
+several sizes, fits ``FD(N) = FD_inf + c / N`` by least squares and reports the intercept.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["frechet_distance", "frechet_distance_from_features", "gaussian_stats"]
+__all__ = [
+  "frechet_distance",
+  "frechet_distance_from_features",
+  "frechet_distance_infinity",
+  "gaussian_stats",
+]
 
 
 def _as_features(features, *, name: str) -> np.ndarray:
@@ -126,3 +138,69 @@ def frechet_distance_from_features(features_a, features_b) -> float:
       f"features_a and features_b must have the same feature dimension, got {a.shape[1]} and {b.shape[1]}"
     )
   return frechet_distance(*gaussian_stats(a, name="features_a"), *gaussian_stats(b, name="features_b"))
+
+
+def frechet_distance_infinity(
+  features,
+  reference_features,
+  *,
+  sizes=None,
+  draws: int = 5,
+  seed: int = 0,
+) -> dict:
+  """Fréchet distance extrapolated to infinitely many samples (FD-infinity, Chong & Forsyth 2020).
+
+  For each subset size ``N`` in ``sizes`` it averages the Fréchet distance between ``draws`` random
+  ``N``-row subsets of ``features`` (without replacement; one draw when ``N`` is all of them) and the
+  whole ``reference_features``, then fits ``FD(N) = FD_inf + slope / N`` by least squares.
+
+  Args:
+      features: ``[N_a, D]`` features of the generated samples.
+      reference_features: ``[N_b, D]`` features of the reference (real) data, used whole.
+      sizes: Increasing subset sizes, each in ``[2, N_a]``, at least two distinct; default 8 sizes
+          evenly spaced from ``N_a // 4`` to ``N_a``.
+      draws: Random subsets averaged per size (>= 1).
+      seed: Seed of the subset draws.
+
+  Returns:
+      Dict with ``frechet_distance_infinity`` (the intercept), ``slope`` (``c``), ``sizes`` and the
+      mean ``frechet_distances`` at each size (lists), and ``frechet_distance`` at ``N_a`` (all rows).
+
+  Raises:
+      ValueError: Naming ``features``/``reference_features`` if malformed or of different dimension,
+          ``sizes`` if a size is out of range or fewer than two distinct sizes are given, ``draws`` if < 1.
+  """
+  a = _as_features(features, name="features")
+  b = _as_features(reference_features, name="reference_features")
+  if a.shape[1] != b.shape[1]:
+    raise ValueError(
+      f"features and reference_features must have the same feature dimension, got {a.shape[1]} and {b.shape[1]}"
+    )
+  n = a.shape[0]
+  if sizes is None:
+    sizes = np.linspace(max(2, n // 4), n, 8)
+  sizes = sorted({int(v) for v in np.asarray(sizes).ravel()})
+  if len(sizes) < 2 or sizes[0] < 2 or sizes[-1] > n:
+    raise ValueError(
+      f"sizes must hold at least two distinct subset sizes in [2, {n}] (the rows of features), got {sizes}"
+    )
+  if int(draws) < 1:
+    raise ValueError(f"draws must be >= 1, got {draws}")
+  mu_b, sigma_b = gaussian_stats(b, name="reference_features")
+  rng = np.random.default_rng(seed)
+  means = []
+  for size in sizes:
+    reps = 1 if size == n else int(draws)
+    values = [
+      frechet_distance(*gaussian_stats(a[rng.choice(n, size, replace=False)]), mu_b, sigma_b)
+      for _ in range(reps)
+    ]
+    means.append(float(np.mean(values)))
+  slope, intercept = np.polyfit(1.0 / np.asarray(sizes, dtype=np.float64), np.asarray(means), 1)
+  return {
+    "frechet_distance_infinity": float(intercept),
+    "slope": float(slope),
+    "sizes": sizes,
+    "frechet_distances": means,
+    "frechet_distance": means[-1] if sizes[-1] == n else frechet_distance(*gaussian_stats(a), mu_b, sigma_b),
+  }

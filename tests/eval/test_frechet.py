@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from diffjax.eval import frechet_distance, frechet_distance_from_features, gaussian_stats
+from diffjax.eval import (
+  frechet_distance,
+  frechet_distance_from_features,
+  frechet_distance_infinity,
+  gaussian_stats,
+)
 
 
 def _random_spd(rng, d):
@@ -85,3 +90,41 @@ def test_bad_statistics_name_the_argument():
     frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
   with pytest.raises(ValueError, match="features needs at least 2 samples"):
     gaussian_stats(np.ones((1, 5)))
+
+
+def _two_generators(seed):
+  """Reference N(0, I) in 32-D; A = N(0, 1.5^2 I) (true FD 8.0), B = N(m, 0.6^2 I), |m|^2 = 3.38 (true FD 8.5)."""
+  d = 32
+  ref = np.random.default_rng(0).normal(size=(40000, d))
+  r = np.random.default_rng(10 + seed)
+  m = np.zeros(d)
+  m[0] = np.sqrt(3.38)
+  return ref, 1.5 * r.normal(size=(2000, d)), m + 0.6 * r.normal(size=(2000, d))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_frechet_distance_infinity_removes_the_small_sample_bias(seed):
+  ref, a, b = _two_generators(seed)
+  ra = frechet_distance_infinity(a, ref, seed=seed)
+  rb = frechet_distance_infinity(b, ref, seed=seed)
+  assert ra["sizes"][0] == 500 and ra["sizes"][-1] == 2000 and len(ra["frechet_distances"]) == 8
+  # Small samples rank the wider generator A worse; the distributions rank it better (8.0 < 8.5).
+  assert ra["frechet_distances"][0] > rb["frechet_distances"][0]
+  assert ra["frechet_distance_infinity"] < rb["frechet_distance_infinity"]
+  for got, true in ((ra, 8.0), (rb, 8.5)):
+    assert abs(got["frechet_distance_infinity"] - true) < 0.25
+    assert abs(got["frechet_distance_infinity"] - true) < abs(got["frechet_distance"] - true)
+    assert got["slope"] > 0  # the finite-sample bias is positive
+  np.testing.assert_allclose(ra["frechet_distance"], frechet_distance_from_features(a, ref), rtol=1e-12)
+
+
+def test_frechet_distance_infinity_rejects_bad_arguments():
+  x = np.random.default_rng(0).normal(size=(40, 3))
+  with pytest.raises(ValueError, match="sizes"):
+    frechet_distance_infinity(x, x, sizes=[10, 50])
+  with pytest.raises(ValueError, match="sizes"):
+    frechet_distance_infinity(x, x, sizes=[20])
+  with pytest.raises(ValueError, match="draws"):
+    frechet_distance_infinity(x, x, draws=0)
+  with pytest.raises(ValueError, match="reference_features"):
+    frechet_distance_infinity(x, x[:, :2])
