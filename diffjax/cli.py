@@ -273,7 +273,9 @@ def cmd_eval(args) -> int:
   from diffjax.data import load_dataset, validate_images
   from diffjax.eval import (
     evaluate_samples,
+    features,
     frechet_distance_from_features,
+    frechet_distance_infinity,
     inception_features,
     load_inception,
     load_judge,
@@ -296,6 +298,10 @@ def cmd_eval(args) -> int:
   if args.bpd_t_samples is not None and args.bpd_t_samples < 1:
     raise ValueError(f"--bpd-t-samples must be >= 1, got {args.bpd_t_samples}")
   validate_images(images, name="images")
+  if args.fd_infinity and images.shape[0] < 8:
+    raise ValueError(
+      f"--fd-infinity needs at least 8 samples to fit FD(N) = FD_inf + c / N, got {images.shape[0]}"
+    )
   reference = load_dataset(source=args.reference_source, path=args.reference_path, split=args.reference_split)
   judge, variables = None, None
   if args.judge:  # A judge trained on other data than the reference is refused.
@@ -307,6 +313,9 @@ def cmd_eval(args) -> int:
     result.update(
       evaluate_samples(images, labels, judge_params=judge[0], judge_info=judge[1], reference=reference)
     )
+    if args.fd_infinity:  # Chong & Forsyth 2020: the small-sample bias of the Fréchet distance removed.
+      fit = frechet_distance_infinity(features(judge[0], images), features(judge[0], reference.images))
+      result["frechet_distance_infinity"] = fit["frechet_distance_infinity"]
   if variables:
     if images.shape[0] < 2 or len(reference) < 2:
       raise ValueError(
@@ -314,10 +323,11 @@ def cmd_eval(args) -> int:
         f"{len(reference)}"
       )
     bs = args.inception_batch_size
-    result["inception_fid"] = frechet_distance_from_features(
-      inception_features(variables, images, batch_size=bs),
-      inception_features(variables, reference.images, batch_size=bs),
-    )
+    gen = inception_features(variables, images, batch_size=bs)
+    real = inception_features(variables, reference.images, batch_size=bs)
+    result["inception_fid"] = frechet_distance_from_features(gen, real)
+    if args.fd_infinity:
+      result["inception_fid_infinity"] = frechet_distance_infinity(gen, real)["frechet_distance_infinity"]
     result.setdefault("num_samples", int(images.shape[0]))
     result.setdefault("num_reference", len(reference))
   if args.workdir:
@@ -409,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--reference-path", default=None, help="IDX directory for mnist_idx")
   e.add_argument("--reference-split", default="train")
   e.add_argument("--ignore-labels", action="store_true", help="skip class accuracy (unconditional samples)")
+  e.add_argument(
+    "--fd-infinity",
+    action="store_true",
+    help="also the Fréchet distance extrapolated to infinitely many samples (FD-infinity, Chong & Forsyth 2020)",
+  )
   e.add_argument("--out", default=None, help="also write the JSON result here")
   e.add_argument("--workdir", default=None, help="also report this model's held-out NLL in bits/dim")
   e.add_argument(

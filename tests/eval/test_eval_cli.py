@@ -37,6 +37,11 @@ def test_eval_prints_and_writes_json(tmp_path, capsys, judge_file, digits_split)
   assert written["precision"] > 0.8 and written["recall"] > 0.8 and written["class_accuracy"] >= 0.95
   assert main(["eval", "--samples", samples, "--judge", judge_file, "--ignore-labels"]) == 0
   assert "class_accuracy" not in json.loads(capsys.readouterr().out)
+  assert main(["eval", "--samples", samples, "--judge", judge_file, "--fd-infinity"]) == 0
+  fd = json.loads(capsys.readouterr().out)
+  # Held-out real digits: the extrapolation removes the small-sample bias, so it lies below the plain FD.
+  assert fd["frechet_distance"] == written["frechet_distance"]
+  assert fd["frechet_distance_infinity"] < fd["frechet_distance"]
 
 
 @pytest.mark.parametrize(
