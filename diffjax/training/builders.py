@@ -12,7 +12,7 @@ import ml_collections
 from diffjax.data import ImageDataset, load_dataset, split_holdout
 from diffjax.models import UNet
 from diffjax.schedules import Schedule, make_schedule
-from diffjax.training.state import make_optimizer
+from diffjax.training.state import make_lr_schedule, make_optimizer
 
 
 def build_model(config: ml_collections.ConfigDict) -> UNet:
@@ -33,6 +33,45 @@ def build_optimizer(config: ml_collections.ConfigDict):
     decay=t.lr_decay,
     weight_decay=t.weight_decay,
     grad_clip=t.grad_clip,
+  )
+
+
+_LR_KEYS = ("learning_rate", "lr_decay", "warmup_steps", "num_steps")
+
+
+def _lr_at(config: ml_collections.ConfigDict, step: int) -> float:
+  t = config.training
+  sched = make_lr_schedule(
+    learning_rate=t.learning_rate, warmup_steps=t.warmup_steps, total_steps=t.num_steps, decay=t.lr_decay
+  )
+  return float(sched(step))
+
+
+def lr_schedule_change(
+  previous: ml_collections.ConfigDict, config: ml_collections.ConfigDict, *, step: int
+) -> str | None:
+  """Says how resuming at ``step`` with ``config`` changes the learning rate ``previous`` had there.
+
+  The schedule is a function of ``training.learning_rate``, ``lr_decay``, ``warmup_steps`` and (cosine)
+  ``num_steps``: raising ``num_steps`` to train longer re-stretches a cosine decay, so the rate jumps back
+  up at the resume step. Returns ``None`` when the rate at ``step`` is unchanged, else a message naming
+  the changed settings and both rates.
+  """
+  old, new = previous.training, config.training
+  changed = [k for k in _LR_KEYS if old.get(k) != new.get(k)]
+  if not changed:
+    return None
+  try:
+    before = _lr_at(previous, step)
+  except ValueError:  # the old settings cannot build a schedule: nothing to compare with
+    return None
+  after = _lr_at(config, step)
+  if abs(after - before) <= 1e-9 * max(abs(before), abs(after)):
+    return None  # e.g. num_steps or warm-up changed under a constant rate already past the warm-up
+  settings = ", ".join(f"training.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+  return (
+    f"resuming at step {step} with a different learning-rate schedule ({settings}): the rate at this step "
+    f"is {after:.3g} instead of the {before:.3g} the run was following"
   )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ from diffjax.sampling import make_generate
 from diffjax.training import builders
 from diffjax.training.state import create_train_state
 from diffjax.training.step import compile_train_step, make_model_fn, make_train_step
-from diffjax.training.workdir import MetricsLog, write_config
+from diffjax.training.workdir import MetricsLog, read_config, write_config
 
 # Fixed sub-streams of the run's one root key.
 _INIT, _TRAIN, _SAMPLE, _EVAL = 0, 1, 2, 3
@@ -78,6 +79,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
       f"batch_size={t_cfg.batch_size} must be divisible by the process count ({jax.process_count()})"
     )
   is_main = jax.process_index() == 0
+  previous = read_config(workdir) if os.path.exists(os.path.join(workdir, "config.json")) else None
   if is_main:
     write_config(workdir, config)
 
@@ -97,6 +99,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     ckpt, init=lambda: jax.jit(init, out_shardings=rep)(jax.random.fold_in(root, _INIT))
   )
   log = MetricsLog(workdir, resume_step=start)
+  change = builders.lr_schedule_change(previous, config, step=start) if previous and start else None
+  if change and is_main:
+    warnings.warn(change, RuntimeWarning, stacklevel=2)
 
   d_cfg = config.diffusion
   step_fn = compile_train_step(

@@ -27,6 +27,36 @@ class TrainState:
   skipped: jnp.ndarray
 
 
+def make_lr_schedule(
+  *, learning_rate: float, warmup_steps: int = 0, total_steps: int | None = None, decay: str = "constant"
+) -> optax.Schedule:
+  """Step -> learning rate: linear warm-up from 0, then constant or cosine decay to 0.1x at ``total_steps``.
+
+  Raises:
+    ValueError: Naming ``learning_rate`` (not > 0), ``total_steps`` (cosine needs it past the warm-up)
+      or ``decay`` (not "constant" or "cosine").
+  """
+  if learning_rate <= 0:
+    raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+  if decay == "constant":
+    sched = optax.join_schedules(
+      [
+        optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
+        optax.constant_schedule(learning_rate),
+      ],
+      [max(warmup_steps, 1)],
+    )
+  elif decay == "cosine":
+    if not total_steps or total_steps <= warmup_steps:
+      raise ValueError(f"total_steps must exceed warmup_steps for cosine decay, got {total_steps}")
+    sched = optax.warmup_cosine_decay_schedule(
+      0.0, learning_rate, max(warmup_steps, 1), total_steps, end_value=0.1 * learning_rate
+    )
+  else:
+    raise ValueError(f"decay={decay!r} is not one of ('constant', 'cosine')")
+  return sched
+
+
 def make_optimizer(
   *,
   learning_rate: float,
@@ -49,24 +79,9 @@ def make_optimizer(
     weight_decay: decoupled weight decay of AdamW.
     grad_clip: clip gradients to this global norm (None or 0 disables).
   """
-  if learning_rate <= 0:
-    raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
-  if decay == "constant":
-    sched = optax.join_schedules(
-      [
-        optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
-        optax.constant_schedule(learning_rate),
-      ],
-      [max(warmup_steps, 1)],
-    )
-  elif decay == "cosine":
-    if not total_steps or total_steps <= warmup_steps:
-      raise ValueError(f"total_steps must exceed warmup_steps for cosine decay, got {total_steps}")
-    sched = optax.warmup_cosine_decay_schedule(
-      0.0, learning_rate, max(warmup_steps, 1), total_steps, end_value=0.1 * learning_rate
-    )
-  else:
-    raise ValueError(f"decay={decay!r} is not one of ('constant', 'cosine')")
+  sched = make_lr_schedule(
+    learning_rate=learning_rate, warmup_steps=warmup_steps, total_steps=total_steps, decay=decay
+  )
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
   parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
   return optax.chain(*parts)

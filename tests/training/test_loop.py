@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import warnings
 
 import jax
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from diffjax.checkpoints import Checkpointer
 from diffjax.config_files import apply_overrides, load_config
+from diffjax.training.builders import lr_schedule_change
 from diffjax.training.loop import train_and_evaluate
 from diffjax.training.restore import load_trained
 from diffjax.training.workdir import read_config
@@ -33,7 +35,10 @@ def test_resume_continues_the_same_run(tmp_path):
   train_and_evaluate(_config(**common, **{"training.num_steps": 6}), straight, progress=False)
   train_and_evaluate(_config(**common, **{"training.num_steps": 3}), resumed, progress=False)
   assert Checkpointer(os.path.join(resumed, "checkpoints")).latest_step() == 3
-  train_and_evaluate(_config(**common, **{"training.num_steps": 6}), resumed, progress=False)
+  with warnings.catch_warnings(record=True) as caught:  # constant rate: num_steps may change freely
+    warnings.simplefilter("always")
+    train_and_evaluate(_config(**common, **{"training.num_steps": 6}), resumed, progress=False)
+  assert not [w for w in caught if "learning-rate schedule" in str(w.message)]
   a, b = _params(straight), _params(resumed)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
@@ -42,6 +47,22 @@ def test_resume_continues_the_same_run(tmp_path):
   # A run started again after it finished restores and does nothing more.
   train_and_evaluate(_config(**common, **{"training.num_steps": 6}), resumed, progress=False)
   assert Checkpointer(os.path.join(resumed, "checkpoints")).latest_step() == 6
+  # Resuming under a schedule that gives another rate at the resume step says so.
+  with pytest.warns(RuntimeWarning, match=r"training.lr_decay 'constant' -> 'cosine'"):
+    train_and_evaluate(
+      _config(**{**common, "training.lr_decay": "cosine", "training.num_steps": 6}), resumed, progress=False
+    )
+
+
+def test_lr_schedule_change_names_the_settings_and_both_rates():
+  base = {"training.lr_decay": "cosine", "training.learning_rate": 4e-4, "training.warmup_steps": 100}
+  old = _config(**base, **{"training.num_steps": 9000})
+  assert lr_schedule_change(old, old, step=6000) is None
+  msg = lr_schedule_change(old, _config(**base, **{"training.num_steps": 12000}), step=9000)
+  assert "training.num_steps 9000 -> 12000" in msg and "4e-05" in msg  # cosine ends at 0.1x the peak
+  const = {"training.lr_decay": "constant", "training.learning_rate": 1e-4, "training.warmup_steps": 0}
+  a, b = _config(**const, **{"training.num_steps": 9000}), _config(**const, **{"training.num_steps": 20000})
+  assert lr_schedule_change(a, b, step=9000) is None
 
 
 def test_partial_checkpoint_never_replaces_a_good_one(tmp_path):
