@@ -272,7 +272,6 @@ def cmd_eval(args) -> int:
 
   from diffjax.data import load_dataset, validate_images
   from diffjax.eval import (
-    evaluate_samples,
     features,
     frechet_distance_from_features,
     frechet_distance_infinity,
@@ -280,6 +279,7 @@ def cmd_eval(args) -> int:
     load_inception,
     load_judge,
   )
+  from diffjax.eval.metrics import SampleScorer
 
   if not args.judge and not args.inception:
     raise ValueError("eval needs --judge J.safetensors, --inception INCEPTION.safetensors, or both")
@@ -310,11 +310,10 @@ def cmd_eval(args) -> int:
     variables = load_inception(args.inception)
   result = {}
   if judge:
-    result.update(
-      evaluate_samples(images, labels, judge_params=judge[0], judge_info=judge[1], reference=reference)
-    )
+    scorer = SampleScorer(judge_params=judge[0], judge_info=judge[1], reference=reference)
+    result.update(scorer(images, labels))
     if args.fd_infinity:  # Chong & Forsyth 2020: the small-sample bias of the Fréchet distance removed.
-      fit = frechet_distance_infinity(features(judge[0], images), features(judge[0], reference.images))
+      fit = frechet_distance_infinity(features(judge[0], images), scorer.reference_features)
       result["frechet_distance_infinity"] = fit["frechet_distance_infinity"]
   if variables:
     if images.shape[0] < 2 or len(reference) < 2:
