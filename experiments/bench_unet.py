@@ -32,6 +32,7 @@ ends with the table for the README.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -48,7 +49,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from diffjax import parallel
+from diffjax import cpu_kernels, parallel
 from diffjax.data import ImageDataset, Prefetcher
 from diffjax.guidance import classifier_free_guidance
 from diffjax.host_memory import keep_freed_memory
@@ -204,27 +205,52 @@ def forward_parity(p) -> float:
   return float(np.max(np.abs(np.asarray(ours) - ref.sample.numpy().transpose(0, 2, 3, 1))))
 
 
+@contextlib.contextmanager
+def xla_kernels():
+  """Traces inside use XLA's kernels instead of diffjax's native CPU kernels (diffjax.cpu_kernels)."""
+  old = os.environ.get(cpu_kernels.ENV_VAR)
+  os.environ[cpu_kernels.ENV_VAR] = "xla"
+  jax.clear_caches()  # the setting is read when tracing: trace again
+  try:
+    yield
+  finally:
+    os.environ.pop(cpu_kernels.ENV_VAR) if old is None else os.environ.update({cpu_kernels.ENV_VAR: old})
+    jax.clear_caches()
+
+
 def bench_train(p, rounds: int, steps: int, ref_threads: int) -> tuple[dict, dict]:
   holder, key = {"state": new_state(p)}, jax.random.key(2)
   t0 = time.perf_counter()
   compiled = p["step"].lower(holder["state"], p["batch"], key).compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
+  xla_holder = {"state": new_state(p)}
+  with xla_kernels():
+    compiled_xla = p["step"].lower(xla_holder["state"], p["batch"], key).compile()
+  # FLOPs from XLA's cost analysis of the XLA-kernel step: custom calls (diffjax's native kernels) have
+  # no FLOP count, and both executables compute the same model.
+  cost = compiled_xla.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   trainer = TorchTrainer(p["torch_model"], np.asarray(p["schedule"].alphas_cumprod))
 
-  def jax_steps():
-    s = holder["state"]
-    for _ in range(steps):
-      s, m = compiled(s, p["batch"], key)
-    jax.block_until_ready(m)
-    holder["state"] = s
+  def stepper(step, state_holder):
+    def run():
+      s = state_holder["state"]
+      for _ in range(steps):
+        s, m = step(s, p["batch"], key)
+      jax.block_until_ready(m)
+      state_holder["state"] = s
+
+    return run
+
+  jax_steps, jax_xla_steps = stepper(compiled, holder), stepper(compiled_xla, xla_holder)
 
   def torch_steps():
     for _ in range(steps):
       trainer.step(*p["t_batch"])
 
   runs = {"jax": jax_steps, "torch": torch_steps}
+  if cpu_kernels.enabled():
+    runs["jax_xla"] = jax_xla_steps
   if ref_threads:
     runs["torch_ref"] = with_threads(torch_steps, ref_threads)
   for fn in runs.values():  # warm-up
@@ -263,6 +289,9 @@ def bench_sampling(p, rounds: int, num_steps: int, guidance: float, ref_threads:
   t0 = time.perf_counter()
   compiled = make_jax_sampler(p["model"], p["schedule"], guidance).lower(*args, jnp.int32(1)).compile()
   compile_s = time.perf_counter() - t0
+  with xla_kernels():
+    compiled_xla = make_jax_sampler(p["model"], p["schedule"], guidance).lower(*args, jnp.int32(1)).compile()
+  jax.block_until_ready(compiled_xla(*args, jnp.int32(1)))
   tsample = make_torch_sampler(p["torch_model"], num_steps, guidance)
   jax.block_until_ready(compiled(*args, jnp.int32(1)))  # warm-up (same executable: steps are traced)
   tsample(*p["t_sample_in"], steps=1)
@@ -271,10 +300,15 @@ def bench_sampling(p, rounds: int, num_steps: int, guidance: float, ref_threads:
   def jax_run():
     out["jax"] = np.asarray(jax.block_until_ready(compiled(*args, jnp.int32(num_steps))))
 
+  def jax_xla_run():
+    out["jax_xla"] = np.asarray(jax.block_until_ready(compiled_xla(*args, jnp.int32(num_steps))))
+
   def torch_run():
     out["torch"] = tsample(*p["t_sample_in"]).numpy().transpose(0, 2, 3, 1)
 
   runs = {"jax": jax_run, "torch": torch_run}
+  if cpu_kernels.enabled():
+    runs["jax_xla"] = jax_xla_run
   if ref_threads:
     runs["torch_ref"] = with_threads(torch_run, ref_threads)
   res = alternate(runs, rounds, 1, p["x_T"].shape[0], "images_per_s")
@@ -371,7 +405,9 @@ def write_markdown(result: dict) -> str:
     f"{st['sample_steps']}, guidance {st['guidance']}, {st['sample_batch']} images per run (model batch "
     f"{2 * st['sample_batch']}). torch: `set_num_threads({st['torch_threads']})`, the core count (headline "
     f"ratio); torch{n}t: {n} thread, timed in the same rounds. Ratio: median over rounds (rotating the "
-    "order of the runs) of torch time / jax time."
+    "order of the runs) of torch time / jax time. jax: diffjax's native CPU kernels (oneDNN convolutions, "
+    "GroupNorm; `diffjax.cpu_kernels`); jax-xla: the same diffjax model traced with "
+    "`DIFFJAX_CPU_KERNELS=xla` (XLA's kernels, the previous default), timed in the same rounds."
   )
   lines = [
     "# bench_unet: diffjax U-Net vs diffusers UNet2DModel (PyTorch), same machine, one run",
@@ -385,9 +421,10 @@ def write_markdown(result: dict) -> str:
     "",
     (
       f"| resolution | train steps/s jax / torch / torch{n}t | train ratio (vs torch{n}t) | MFU jax / torch | "
-      f"DDIM-{st['sample_steps']} CFG images/s jax / torch / torch{n}t | sampling ratio (vs torch{n}t) |"
+      f"DDIM-{st['sample_steps']} CFG images/s jax / torch / torch{n}t | sampling ratio (vs torch{n}t) | "
+      "native kernels speed-up over jax-xla, train / sampling |"
     ),
-    "|---|---|---|---|---|---|",
+    "|---|---|---|---|---|---|---|",
   ]
   for res, r in result["resolutions"].items():
     tr, sa = r["train"], r["sampling"]
@@ -396,7 +433,7 @@ def write_markdown(result: dict) -> str:
       f"{rf(tr, 'torch_ref_steps_per_s')} | **{tr['ratio']:.2f}x** ({rf(tr, 'ratio_vs_torch_ref')}x) | "
       f"{100 * tr['mfu_jax']:.1f}% / {100 * tr['mfu_torch']:.1f}% | {sa['jax_images_per_s']:.2f} / "
       f"{sa['torch_images_per_s']:.2f} / {rf(sa, 'torch_ref_images_per_s')} | **{sa['ratio']:.2f}x** "
-      f"({rf(sa, 'ratio_vs_torch_ref')}x) |"
+      f"({rf(sa, 'ratio_vs_torch_ref')}x) | {rf(tr, 'ratio_vs_jax_xla')}x / {rf(sa, 'ratio_vs_jax_xla')}x |"
     )
   lines += [
     "",
@@ -510,6 +547,7 @@ def main() -> None:
     "jax_impls": {
       "attention": resolve_attention_fn("auto").__name__,
       "norm": resolve_norm_impl("auto"),
+      "cpu_kernels": "native" if cpu_kernels.enabled() else f"xla ({cpu_kernels.unavailable_reason()})",
     },
     "matmul": matmul_peak(512 if args.quick else 2048, 5),
     "resolutions": {},

@@ -5,7 +5,8 @@ ResNets per level, attention on level 2, batch 64, AdamW + clipping + EMA, same 
 For each resolution it profiles a few steps of each framework after warm-up:
 
 * diffjax: ``jax.profiler.trace`` (Perfetto JSON). Each top-level thunk of the compiled step is mapped to
-  its HLO instruction (``compiled.as_text()``) and classed by what it computes: convolution forward,
+  its HLO instruction (``compiled.as_text()``) and classed by what it computes (diffjax's native CPU
+  kernels, :mod:`diffjax.cpu_kernels`, by their custom-call target): convolution forward,
   convolution input gradient, convolution weight gradient (XLA writes it as a convolution whose window
   is the whole feature map), the attention core (the blocked loop of :mod:`diffjax.models.attention_kernels`),
   GroupNorm, dense layers, layout copies (transposes) and the rest (elementwise, optimizer, EMA).
@@ -16,9 +17,10 @@ Per class it reports ms per step on each side and their ratio, so the class that
 relative to PyTorch is the one to attack next (issue: train steps/s vs PyTorch). Times are wall time of
 each op on the calling thread (ops run one after another on both sides; each uses the intra-op threads).
 Absolute times depend on the machine's load; run it on a quiet machine. diffjax runs with its defaults
-(XNNPACK convolutions, :mod:`diffjax.xla_cpu`; ``DIFFJAX_CPU_CONV=xla`` profiles XLA's default instead).
+(native CPU kernels; ``DIFFJAX_CPU_KERNELS=xla`` profiles XLA's kernels instead, then with
+``DIFFJAX_CPU_CONV=xla`` for attributable convolutions, see :mod:`diffjax.xla_cpu`).
 
-Run:   DIFFJAX_CPU_CONV=xla python experiments/profile_train_step.py   (28x28x1 and 32x32x3, ~3 min)
+Run:   python experiments/profile_train_step.py   (28x28x1 and 32x32x3, ~3 min)
        python experiments/profile_train_step.py --res 8x8x1 --steps 2 --name profile_quick
 Writes experiments/results/profile_train_step.json and .md.
 """
@@ -44,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_unet import TorchTrainer, new_state, setup
 from trained_run import machine, write_results
 
+from diffjax import cpu_kernels
 from diffjax.xla_cpu import cpu_conv_library
 
 CLASSES = (
@@ -59,9 +62,9 @@ CLASSES = (
   "not attributed",
 )
 UNATTRIBUTED_NOTE = (
-  "`not attributed` is the traced steps' wall time minus the ops above: dispatch gaps and, with XNNPACK "
-  "convolutions (diffjax's CPU default), the convolutions themselves, whose thunks return before the "
-  "library finishes and so carry almost none of their time"
+  "`not attributed` is the traced steps' wall time minus the ops above: dispatch gaps and, with XLA's "
+  "XNNPACK convolutions (`DIFFJAX_CPU_KERNELS=xla`), the convolutions themselves, whose thunks return "
+  "before the library finishes and so carry almost none of their time"
 )
 
 
@@ -96,6 +99,14 @@ def jax_class(name: str, line: str, bodies: dict[str, str]) -> str:
   body = bodies.get(called.group(1), "") if called else line  # unfused ops (e.g. XNNPACK convolutions)
   if name.startswith("while") and ("attend" in op or "attention" in op):
     return "attention core"
+  native = re.search(r'custom_call_target="Diffjax(\w+)"', line)  # diffjax.cpu_kernels
+  if native:
+    kernel = native.group(1)
+    if kernel.startswith("OnednnConv"):
+      return {"OnednnConvFwd": "conv forward", "OnednnConvBwdData": "conv input grad"}.get(
+        kernel, "conv weight grad"
+      )
+    return "attention core" if kernel.startswith("Attention") else "group norm"
   conv = re.search(r"convolution\(.*window=\{size=(\d+)x(\d+)", body)
   if conv:
     if int(conv.group(1)) * int(conv.group(2)) > 9:  # window = the whole map: d(loss)/d(kernel)
@@ -214,6 +225,7 @@ def main() -> None:
     "machine": machine(),
     "versions": {"jax": jax.__version__, "torch": torch.__version__},
     "diffjax_cpu_conv": cpu_conv_library(),
+    "diffjax_cpu_kernels": "native" if cpu_kernels.enabled() else "xla",
     "load_average_start_end": [load0, os.getloadavg()[0]],
     "batch": a.batch,
     "steps": a.steps,
@@ -223,8 +235,8 @@ def main() -> None:
   lines = [
     f"# {a.name}: U-Net training step by op class, diffjax vs PyTorch\n",
     f"`{result['command']}` on {result['machine']}; jax {jax.__version__}, torch {torch.__version__}; "
-    f"diffjax convolutions: {cpu_conv_library()} (`DIFFJAX_CPU_CONV`; {UNATTRIBUTED_NOTE}: profile with "
-    "`DIFFJAX_CPU_CONV=xla` to split the convolution rows); "
+    f"diffjax CPU kernels: {result['diffjax_cpu_kernels']} (`DIFFJAX_CPU_KERNELS`), XLA convolutions: "
+    f"{cpu_conv_library()} (`DIFFJAX_CPU_CONV`; {UNATTRIBUTED_NOTE}); "
     f"batch {a.batch}, {a.steps} profiled steps per side after warm-up; load average "
     f"{load0:.1f} at start, {os.getloadavg()[0]:.1f} at end (PyTorch's threads slow down badly when other "
     "jobs hold the cores). ms per step of op wall time under the profilers (which add overhead: compare a "

@@ -39,7 +39,7 @@ print("YNN" if "__ynn_fusion" in hlo else "NOT_YNN")
 
 def _run(tmp_path, setting):
   path = str(tmp_path / f"{setting}.npz")
-  env = {**os.environ, "DIFFJAX_CPU_CONV": setting}
+  env = {**os.environ, "DIFFJAX_CPU_CONV": setting, "DIFFJAX_CPU_KERNELS": "xla"}  # XLA's convolutions
   env["XLA_FLAGS"] = " ".join(
     f for f in env.get("XLA_FLAGS", "").split() if "ynn_fusion_type" not in f and "xnn_fusion_type" not in f
   )

@@ -18,6 +18,11 @@ On the reference shape above this is ~8-10x faster than the einsum form for forw
 a 2-core CPU. It is numerically the same function (forward and gradients agree to ~1e-6) and is
 selected by ``attention_impl="auto"`` only on the CPU backend; GPUs and TPUs keep the einsum
 form, which XLA fuses well there (the sequential ``lax.map`` would only slow them down).
+
+With float32 inputs and diffjax's native CPU kernels enabled (:mod:`diffjax.cpu_kernels`,
+``csrc/attention.cc``), forward and backward are one custom call each on the CPU platform (chosen with
+``jax.lax.platform_dependent``): the same math per (batch, head), one query's probabilities live at a
+time, reading and writing the ``[B, L, heads, d]`` layout without the transposes above.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from diffjax import cpu_kernels
 
 __all__ = ["blocked_attention"]
 
@@ -96,15 +104,59 @@ def _chunk_for(q, k, block_bytes: int) -> int:
   return _pick_chunk(b * h, 4 * l * k.shape[1], block_bytes)
 
 
+def _native(x) -> bool:
+  """Whether the native CPU kernel applies: float32, no empty axis, and enabled."""
+  return jnp.dtype(x.dtype) == jnp.float32 and 0 not in x.shape and cpu_kernels.enabled()
+
+
+def _native_forward(q, k, v):
+  """Native kernel: ``[B, L, H, D]`` output and ``[B, H, L]`` log-sum-exp."""
+  b, l, h, _ = q.shape
+  shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, l), jnp.float32))
+  call = jax.ffi.ffi_call("DiffjaxAttentionFwd", shapes, vmap_method="sequential")
+  return call(q, k, v, threads=np.int64(cpu_kernels.threads()))
+
+
+def _rows_forward(q, k, v, block_bytes):
+  """The blocked XLA forward with the native kernel's output layout (for non-CPU lowering)."""
+  b, l, h, _ = q.shape
+  out, lse = _map_chunks(_forward_rows, _chunk_for(q, k, block_bytes), _to_rows(q), _to_rows(k), _to_rows(v))
+  return _from_rows(out, b, h, jnp.float32), lse.reshape(b, h, l)
+
+
+def _native_backward(q, k, v, out, lse, g):
+  shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (q, k, v))
+  call = jax.ffi.ffi_call("DiffjaxAttentionBwd", shapes, vmap_method="sequential")
+  return call(q, k, v, out, lse, g, threads=np.int64(cpu_kernels.threads()))
+
+
+def _rows_backward(q, k, v, out, lse, g, block_bytes):
+  b, l, h, _ = q.shape
+  rows = (_to_rows(q), _to_rows(k), _to_rows(v), _to_rows(out), lse.reshape(b * h, l), _to_rows(g))
+  grads = _map_chunks(_backward_rows, _pick_chunk(b * h, 4 * l * k.shape[1], block_bytes), *rows)
+  return tuple(_from_rows(a, b, h, jnp.float32) for a in grads)
+
+
+def _forward_native_layout(q, k, v, block_bytes):
+  return jax.lax.platform_dependent(
+    q, k, v, cpu=_native_forward, default=functools.partial(_rows_forward, block_bytes=block_bytes)
+  )
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _attention(q, k, v, block_bytes):
   b, _, h, _ = q.shape
+  if _native(q):
+    return _forward_native_layout(q, k, v, block_bytes)[0]
   out, _ = _map_chunks(_forward_rows, _chunk_for(q, k, block_bytes), _to_rows(q), _to_rows(k), _to_rows(v))
   return _from_rows(out, b, h, q.dtype)
 
 
 def _attention_fwd(q, k, v, block_bytes):
   b, _, h, _ = q.shape
+  if _native(q):
+    out, lse = _forward_native_layout(q, k, v, block_bytes)
+    return out, (q, k, v, out, lse)
   rows = (_to_rows(q), _to_rows(k), _to_rows(v))
   out, lse = _map_chunks(_forward_rows, _chunk_for(q, k, block_bytes), *rows)
   return _from_rows(out, b, h, q.dtype), (*rows, out, lse)
@@ -112,6 +164,9 @@ def _attention_fwd(q, k, v, block_bytes):
 
 def _attention_bwd(block_bytes, res, g):
   # q, k and v share g's dtype (blocked_attention casts k and v to q.dtype).
+  if _native(g):
+    rows = functools.partial(_rows_backward, block_bytes=block_bytes)
+    return jax.lax.platform_dependent(*res, g, cpu=_native_backward, default=rows)
   q, k, v, out, lse = res
   b, l, h, _ = g.shape
   chunk = _pick_chunk(b * h, 4 * l * k.shape[1], block_bytes)

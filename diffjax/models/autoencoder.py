@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from diffjax.models.attention import AttentionBlock
+from diffjax.models.conv import conv
 from diffjax.models.resnet import Upsample2D, group_norm
 
 __all__ = [
@@ -51,7 +52,7 @@ PAD1 = ((1, 1), (1, 1))  # PyTorch's padding=1.
 
 def conv3x3(features: int, dtype: jnp.dtype, name: str) -> nn.Conv:
   """3x3 stride-1 convolution with PyTorch-style ``padding=1``."""
-  return nn.Conv(features, (3, 3), padding=PAD1, dtype=dtype, name=name)
+  return conv(features, (3, 3), padding=PAD1, dtype=dtype, name=name)
 
 
 @struct.dataclass
@@ -123,7 +124,7 @@ class ResnetBlock(nn.Module):
     h = nn.silu(group_norm(self.norm_num_groups, VAE_NORM_EPS, self.dtype, "norm2")(h))
     h = conv3x3(self.out_channels, self.dtype, "conv2")(h)
     if x.shape[-1] != self.out_channels:
-      x = nn.Conv(self.out_channels, (1, 1), padding="VALID", dtype=self.dtype, name="conv_shortcut")(x)
+      x = conv(self.out_channels, (1, 1), padding="VALID", dtype=self.dtype, name="conv_shortcut")(x)
     return x + h
 
 
@@ -145,7 +146,7 @@ class AsymmetricDownsample2D(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """``[B, H, W, C]`` -> ``[B, floor((H - 2) / 2) + 1, ..., out_channels]`` (``H / 2`` for even ``H``)."""
     x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    return nn.Conv(self.out_channels, (3, 3), strides=2, padding="VALID", dtype=self.dtype, name="conv")(x)
+    return conv(self.out_channels, (3, 3), strides=2, padding="VALID", dtype=self.dtype, name="conv")(x)
 
 
 class MidBlock2D(nn.Module):
@@ -362,8 +363,8 @@ class AutoencoderKL(nn.Module):
     self.encoder = Encoder(out_channels=self.latent_channels, **common)
     self.decoder = Decoder(out_channels=self.out_channels, **common)
     c = self.latent_channels
-    self.quant_conv = nn.Conv(2 * c, (1, 1), dtype=self.dtype) if self.use_quant_conv else None
-    self.post_quant_conv = nn.Conv(c, (1, 1), dtype=self.dtype) if self.use_post_quant_conv else None
+    self.quant_conv = conv(2 * c, (1, 1), dtype=self.dtype) if self.use_quant_conv else None
+    self.post_quant_conv = conv(c, (1, 1), dtype=self.dtype) if self.use_post_quant_conv else None
 
   @property
   def downsample_factor(self) -> int:

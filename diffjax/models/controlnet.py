@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffjax.models.conv import conv
 from diffjax.models.embeddings import TimestepEmbedding, get_timestep_embedding
 from diffjax.models.resnet import conv3x3
 from diffjax.models.unet_condition import UNetCondition
@@ -70,7 +71,7 @@ class ControlNetConditioningEmbedding(nn.Module):
     for k in range(len(chans) - 1):
       h = nn.silu(conv3x3(chans[k], self.dtype, f"blocks_{2 * k}")(h))
       h = nn.silu(conv3x3(chans[k + 1], self.dtype, f"blocks_{2 * k + 1}", strides=2)(h))
-    return nn.Conv(
+    return conv(
       self.conditioning_embedding_channels,
       (3, 3),
       padding=((1, 1), (1, 1)),
@@ -121,7 +122,7 @@ def check_controlnet_cond(
 
 
 def _zero_conv(channels: int, dtype, name: str) -> nn.Conv:
-  return nn.Conv(
+  return conv(
     channels,
     (1, 1),
     padding="VALID",

@@ -11,6 +11,10 @@ pass) with poor vectorisation at U-Net shapes. :func:`group_norm` computes the s
   fused reduction pass over ``x`` and the cotangent, then one elementwise pass; only ``x`` and the
   ``[B, G]`` statistics are saved (autodiff of the Flax form saves the normalised activations too).
 
+On the CPU backend, float32 inputs take diffjax's native kernels when enabled
+(:mod:`diffjax.cpu_kernels`, ``csrc/group_norm.cc``: the same math per image, while its slice is in
+cache), chosen inside the computation with ``jax.lax.platform_dependent``.
+
 The variance is the two-pass (centred) form, as in ``nn.GroupNorm(use_fast_variance=False)``, and
 statistics are float32 whatever the input dtype. Forward values and gradients agree with
 ``nn.GroupNorm`` (+ ``nn.silu``) to float32 rounding; :class:`GroupNorm` has the same parameters
@@ -26,6 +30,9 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from diffjax import cpu_kernels
 
 __all__ = ["NORM_IMPLS", "GroupNorm", "group_norm", "resolve_norm_impl"]
 
@@ -84,11 +91,41 @@ def _affine(x, mean, rstd, scale, bias):
   return a, d
 
 
-def _forward(x, scale, bias, groups, eps, silu, out_dtype):
+def _xla_forward(x, scale, bias, groups, eps, silu, out_dtype):
   mean, rstd = _stats(x, groups, eps)
   a, d = _affine(x, mean, rstd, scale, bias)
   z = x.astype(jnp.float32) * _per_channel(a, x) + _per_channel(d, x)
-  return (jax.nn.silu(z) if silu else z).astype(out_dtype), (mean, rstd)
+  return (jax.nn.silu(z) if silu else z).astype(out_dtype), mean, rstd
+
+
+def _native(x, scale, bias, out_dtype) -> bool:
+  """Whether the native CPU kernels apply: all float32, no empty axis, and enabled."""
+  dtypes = {jnp.dtype(x.dtype), jnp.dtype(scale.dtype), jnp.dtype(bias.dtype), jnp.dtype(out_dtype)}
+  return dtypes == {jnp.dtype(jnp.float32)} and 0 not in x.shape and cpu_kernels.enabled()
+
+
+def _forward(x, scale, bias, groups, eps, silu, out_dtype):
+  xla = functools.partial(_xla_forward, groups=groups, eps=eps, silu=silu, out_dtype=out_dtype)
+  if not _native(x, scale, bias, out_dtype):
+    y, mean, rstd = xla(x, scale, bias)
+    return y, (mean, rstd)
+
+  def native(x, scale, bias):
+    stats = jax.ShapeDtypeStruct((x.shape[0], groups), jnp.float32)
+    out = (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats, stats)
+    call = jax.ffi.ffi_call("DiffjaxGroupNormFwd", out, vmap_method="sequential")
+    return call(
+      x,
+      scale,
+      bias,
+      groups=np.int64(groups),
+      eps=np.float32(eps),
+      silu=np.int64(silu),
+      threads=np.int64(cpu_kernels.threads()),
+    )
+
+  y, mean, rstd = jax.lax.platform_dependent(x, scale, bias, cpu=native, default=xla)
+  return y, (mean, rstd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -103,6 +140,29 @@ def _group_norm_fwd(x, scale, bias, groups, eps, silu, out_dtype):
 
 def _group_norm_bwd(groups, eps, silu, out_dtype, res, g):
   x, scale, bias, mean, rstd = res
+  xla = functools.partial(_xla_backward, groups, silu)
+  if not _native(x, scale, bias, g.dtype):
+    return xla(x, scale, bias, mean, rstd, g)
+
+  def native(x, scale, bias, mean, rstd, g):
+    out = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, scale, bias))
+    call = jax.ffi.ffi_call("DiffjaxGroupNormBwd", out, vmap_method="sequential")
+    return call(
+      x,
+      scale,
+      bias,
+      mean,
+      rstd,
+      g,
+      groups=np.int64(groups),
+      silu=np.int64(silu),
+      threads=np.int64(cpu_kernels.threads()),
+    )
+
+  return jax.lax.platform_dependent(x, scale, bias, mean, rstd, g, cpu=native, default=xla)
+
+
+def _xla_backward(groups, silu, x, scale, bias, mean, rstd, g):
   c = x.shape[-1]
   n = x.size // (x.shape[0] * groups)
   xf, g = x.astype(jnp.float32), g.astype(jnp.float32)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffjax.models.conv import conv
 from diffjax.models.group_norm import GroupNorm, resolve_norm_impl
 
 __all__ = ["group_norm", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
@@ -54,7 +55,7 @@ def group_norm(
 
 def conv3x3(features: int, dtype: jnp.dtype, name: str, strides: int = 1) -> nn.Conv:
   """3x3 convolution with PyTorch-style ``padding=1``."""
-  return nn.Conv(features, (3, 3), strides=strides, padding=PAD1, dtype=dtype, name=name)
+  return conv(features, (3, 3), strides=strides, padding=PAD1, dtype=dtype, name=name)
 
 
 class ResnetBlock2D(nn.Module):
@@ -107,7 +108,7 @@ class ResnetBlock2D(nn.Module):
     h = conv3x3(self.out_channels, self.dtype, "conv2")(h)
 
     if x.shape[-1] != self.out_channels:
-      x = nn.Conv(self.out_channels, (1, 1), padding="VALID", dtype=self.dtype, name="conv_shortcut")(x)
+      x = conv(self.out_channels, (1, 1), padding="VALID", dtype=self.dtype, name="conv_shortcut")(x)
     return x + h
 
 

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffjax.models.conv import conv
+
 __all__ = ["SubjectEncoder", "SubjectFuser"]
 
 
@@ -68,9 +70,9 @@ class SubjectEncoder(nn.Module):
     for i, ch in enumerate(self.features):
       if ch % self.norm_num_groups:
         raise ValueError(f"features[{i}]={ch} is not divisible by norm_num_groups={self.norm_num_groups}")
-      x = nn.Conv(ch, (3, 3), name=f"conv_{i}")(x)
+      x = conv(ch, (3, 3), name=f"conv_{i}")(x)
       x = nn.silu(nn.GroupNorm(num_groups=self.norm_num_groups, name=f"norm_{i}")(x))
-      x = nn.Conv(ch, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), name=f"down_{i}")(x)
+      x = conv(ch, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), name=f"down_{i}")(x)
     x = nn.silu(x.reshape(x.shape[0], -1))
     return nn.Dense(self.embed_dim, name="proj")(x)
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.models.attention_control import ATTENTION_MAPS, AttentionControl, AttentionInfo, apply_control
+from diffjax.models.conv import conv
 
 __all__ = [
   "GEGLU",
@@ -350,7 +351,7 @@ class Transformer2DModel(nn.Module):
     if self.use_linear_projection:
       tokens = nn.Dense(inner, dtype=self.dtype, name="proj_in")(n.reshape(b, h * w, c))
     else:
-      tokens = nn.Conv(inner, (1, 1), dtype=self.dtype, name="proj_in")(n).reshape(b, h * w, inner)
+      tokens = conv(inner, (1, 1), dtype=self.dtype, name="proj_in")(n).reshape(b, h * w, inner)
     if self.position_embedding:
       tokens = tokens + sincos_position_embedding_2d(h, w, inner).astype(tokens.dtype)[None]
     for i in range(self.num_layers):
@@ -364,5 +365,5 @@ class Transformer2DModel(nn.Module):
     if self.use_linear_projection:
       out = nn.Dense(c, dtype=self.dtype, name="proj_out")(tokens).reshape(b, h, w, c)
     else:
-      out = nn.Conv(c, (1, 1), dtype=self.dtype, name="proj_out")(tokens.reshape(b, h, w, inner))
+      out = conv(c, (1, 1), dtype=self.dtype, name="proj_out")(tokens.reshape(b, h, w, inner))
     return out + x

@@ -121,3 +121,22 @@ def test_unet_attention_impls_agree_forward_and_grads():
   np.testing.assert_allclose(float(l_b), float(l_x), **TOL)
   for got, want in zip(jax.tree.leaves(g_b), jax.tree.leaves(g_x)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
+
+
+@pytest.mark.parametrize("shape", [(2, 49, 49, 3, 8), (3, 10, 7, 2, 16), (2, 12, 20, 2, 5)])
+def test_native_cpu_kernel_matches_the_blocked_xla_kernel(shape, monkeypatch):
+  from diffjax import cpu_kernels
+
+  if not cpu_kernels.available():
+    pytest.skip(cpu_kernels.unavailable_reason())
+  b, l, s, h, d = shape
+  q, k, v, g = _qkv(b, l, s, h, d, seed=4)
+  results, texts = {}, {}
+  for setting in ("native", "xla"):
+    monkeypatch.setenv("DIFFJAX_CPU_KERNELS", setting)
+    f = jax.jit(lambda *a: _vjp(blocked_attention, *a))  # a new function per setting: traced again
+    results[setting], texts[setting] = f(q, k, v, g), f.lower(q, k, v, g).compile().as_text()
+  assert "DiffjaxAttentionFwd" in texts["native"] and "DiffjaxAttentionBwd" in texts["native"]
+  assert "DiffjaxAttention" not in texts["xla"]
+  for got, want in zip(jax.tree.leaves(results["native"]), jax.tree.leaves(results["xla"])):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)

@@ -96,3 +96,36 @@ def test_errors():
   with pytest.raises(ValueError, match="norm_impl"):
     resolve_norm_impl("fast")
   assert resolve_norm_impl("auto") == ("fused" if jax.default_backend() == "cpu" else "xla")
+
+
+@pytest.mark.parametrize("silu", [False, True])
+def test_native_cpu_kernel_matches_the_xla_formulation(silu, monkeypatch):
+  from diffjax import cpu_kernels
+
+  if not cpu_kernels.available():
+    pytest.skip(cpu_kernels.unavailable_reason())
+  x, scale, bias, g = _inputs((5, 6, 7, 24), seed=3, offset=1.5)
+  fn = lambda *a: group_norm(*a, num_groups=6, silu=silu)
+
+  def value_and_grads(*a):
+    out, pull = jax.vjp(fn, *a)
+    return (out, *pull(g))
+
+  run = lambda: jax.jit(lambda *a: value_and_grads(*a))  # a new function: traced again
+  native_fn = run()
+  results = {"native": native_fn(x, scale, bias)}
+  assert "DiffjaxGroupNormFwd" in native_fn.lower(x, scale, bias).compile().as_text()
+  monkeypatch.setenv("DIFFJAX_CPU_KERNELS", "xla")
+  xla_fn = run()
+  results["xla"] = xla_fn(x, scale, bias)
+  assert "DiffjaxGroupNorm" not in xla_fn.lower(x, scale, bias).compile().as_text()
+  for got, want in zip(results["native"], results["xla"]):
+    s = max(1.0, float(jnp.max(jnp.abs(want))))
+    np.testing.assert_allclose(np.asarray(got) / s, np.asarray(want) / s, atol=1e-5, rtol=0)
+
+
+def test_bfloat16_keeps_the_xla_formulation():
+  x = jnp.ones((2, 4, 4, 8), jnp.bfloat16)
+  f = jax.jit(lambda a: group_norm(a, jnp.ones(8), jnp.zeros(8), num_groups=4))
+  assert "DiffjaxGroupNorm" not in f.lower(x).compile().as_text()
+  assert f(x).dtype == jnp.bfloat16

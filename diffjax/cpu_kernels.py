@@ -1,0 +1,201 @@
+"""diffjax's native XLA:CPU kernels: build, load and register them as XLA FFI custom calls.
+
+XLA:CPU is slow on this project's 2-core x86 machine for three parts of the U-Net: convolutions (above
+all their weight gradient), GroupNorm and attention (``experiments/profile_train_step.py`` breaks a training step down
+by op class). ``diffjax/csrc`` holds C++ custom calls for both:
+
+* ``onednn_conv.cc``: forward, input-gradient and weight-gradient convolution through oneDNN, Intel's
+  deep-learning primitives (https://github.com/oneapi-src/oneDNN, which PyTorch's CPU convolutions use),
+  used by :mod:`diffjax.onednn_conv`;
+* ``group_norm.cc``: GroupNorm (+ SiLU) forward and backward, used by :mod:`diffjax.models.group_norm`;
+* ``attention.cc``: multi-head softmax attention forward and (recomputing) backward, used by
+  :mod:`diffjax.models.attention_kernels`;
+* ``workers.h``: the threads both split their batch over (not OpenMP, whose spinning workers would
+  compete with XLA's threads and whose runtime PyTorch shares when loaded in the same process).
+
+This module compiles them with the system C++ compiler (``CXX``, else ``g++``) against oneDNN (the
+``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp`` wheels, or ``DIFFJAX_ONEDNN_ROOT`` holding ``lib/``
+and ``include/``) and jaxlib's FFI headers, once per source/version, into ``$DIFFJAX_CACHE_DIR``
+(default ``~/.cache/diffjax``; written to a temporary file and renamed, so a library is whole or
+absent), loads the library and registers its handlers for the CPU platform.
+
+``DIFFJAX_CPU_KERNELS`` selects: ``native`` (the default) uses them where they apply; ``xla`` never.
+When unset and the build is not possible (no compiler, no oneDNN), diffjax keeps XLA's kernels and
+:func:`unavailable_reason` says why; when ``native`` is set explicitly, tracing raises instead. Each
+kernel is chosen per platform inside the computation (``jax.lax.platform_dependent``), so the same
+jitted function lowers to XLA's own ops on GPU and TPU. Equality with the XLA versions (forward and
+gradients, 1e-5) is tested in ``tests/test_cpu_kernels.py``; speed in ``experiments/bench_unet.py``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import jax
+
+__all__ = ["ENV_VAR", "available", "enabled", "library_path", "setting", "threads", "unavailable_reason"]
+
+ENV_VAR = "DIFFJAX_CPU_KERNELS"
+CHOICES = ("native", "xla")
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+SOURCES = ("onednn_conv.cc", "group_norm.cc", "attention.cc")
+HEADERS = ("workers.h",)
+TARGETS = (
+  "DiffjaxOnednnConvFwd",
+  "DiffjaxOnednnConvBwdData",
+  "DiffjaxOnednnConvBwdWeights",
+  "DiffjaxGroupNormFwd",
+  "DiffjaxGroupNormBwd",
+  "DiffjaxAttentionFwd",
+  "DiffjaxAttentionBwd",
+)
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _onednn_dirs() -> tuple[str, str]:
+  """(lib dir holding libdnnl.so, include dir holding dnnl.hpp), or raises RuntimeError saying why not."""
+  root = os.environ.get("DIFFJAX_ONEDNN_ROOT")
+  if root:
+    lib, inc = os.path.join(root, "lib"), os.path.join(root, "include")
+  else:
+    try:
+      lib = _installed_dir("onednn-cpu-gomp", "libdnnl.so")
+      inc = _installed_dir("onednn-devel-cpu-gomp", "dnnl.hpp")
+    except importlib.metadata.PackageNotFoundError as e:
+      raise RuntimeError(
+        f"oneDNN is not installed (pip install onednn-cpu-gomp onednn-devel-cpu-gomp): {e}"
+      ) from e
+  for path in (os.path.join(lib, "libdnnl.so"), os.path.join(inc, "dnnl.hpp")):
+    if not os.path.exists(path):
+      raise RuntimeError(f"oneDNN file {path} does not exist")
+  return lib, inc
+
+
+def _installed_dir(dist: str, filename: str) -> str:
+  for f in importlib.metadata.files(dist) or ():
+    if os.path.basename(str(f)) == filename and "oneapi" not in str(f):
+      return os.path.dirname(os.path.abspath(str(importlib.metadata.distribution(dist).locate_file(f))))
+  raise RuntimeError(f"the {dist} package has no {filename}")
+
+
+def _cache_dir() -> str:
+  base = os.environ.get("DIFFJAX_CACHE_DIR") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "diffjax"
+  )
+  return os.path.join(base, "native")
+
+
+def _build() -> str:
+  """Compiles the custom calls (or finds them compiled) and returns the shared library's path."""
+  lib_dir, inc_dir = _onednn_dirs()
+  cxx = os.environ.get("CXX", "g++")
+  if shutil.which(cxx) is None:
+    raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH (set CXX)")
+  source = b""
+  for name in SOURCES + HEADERS:
+    with open(os.path.join(CSRC, name), "rb") as f:
+      source += f.read()
+  ffi_dir = jax.ffi.include_dir()
+  key = hashlib.sha256(
+    b"\0".join(
+      [source, jax.__version__.encode(), ffi_dir.encode(), lib_dir.encode(), inc_dir.encode(), cxx.encode()]
+    )
+  ).hexdigest()[:16]
+  out_dir = _cache_dir()
+  path = os.path.join(out_dir, f"libdiffjax_cpu_kernels_{key}.so")
+  if os.path.exists(path):
+    return path
+  os.makedirs(out_dir, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+  os.close(fd)
+  cmd = [
+    cxx, "-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
+    f"-I{ffi_dir}", f"-I{inc_dir}", *(os.path.join(CSRC, s) for s in SOURCES), "-o", tmp,
+    f"-L{lib_dir}", "-ldnnl", f"-Wl,-rpath,{lib_dir}",
+  ]  # fmt: skip
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    if proc.returncode != 0:
+      raise RuntimeError(f"compiling {CSRC} failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
+    os.replace(tmp, path)  # whole file or nothing: concurrent builders each rename a complete library
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+  return path
+
+
+def _load() -> None:
+  """Builds, loads and registers once per process; records the failure reason instead of raising."""
+  with _lock:
+    if "ok" in _state:
+      return
+    try:
+      path = _build()
+      lib = ctypes.CDLL(path)
+      for name in TARGETS:
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+      _state.update(ok=True, path=path, reason=None, lib=lib)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+      _state.update(ok=False, path=None, reason=str(e))
+
+
+def available() -> bool:
+  """Whether the native kernels are built and registered in this process (builds on first call)."""
+  _load()
+  return _state["ok"]
+
+
+def unavailable_reason() -> str | None:
+  """Why :func:`available` is False (None when it is True)."""
+  _load()
+  return _state["reason"]
+
+
+def library_path() -> str | None:
+  """The compiled library in use (None when unavailable)."""
+  _load()
+  return _state["path"]
+
+
+def setting(environ=os.environ) -> str:
+  """``DIFFJAX_CPU_KERNELS`` ("native" when unset)."""
+  choice = environ.get(ENV_VAR, "native").strip().lower() or "native"
+  if choice not in CHOICES:
+    raise ValueError(f"{ENV_VAR}={environ.get(ENV_VAR)!r} is not one of {CHOICES}")
+  return choice
+
+
+def enabled(environ=os.environ) -> bool:
+  """Whether the native kernels are used: ``DIFFJAX_CPU_KERNELS`` is ``native`` and they build.
+
+  Read when a function is traced: set the variable before a function's first trace.
+
+  Raises:
+      RuntimeError: ``DIFFJAX_CPU_KERNELS=native`` was set explicitly but the library cannot be built.
+      ValueError: The variable has another value.
+  """
+  if setting(environ) != "native":
+    return False
+  if available():
+    return True
+  if environ.get(ENV_VAR):
+    raise RuntimeError(f"{ENV_VAR}=native but diffjax's CPU kernels are unavailable: {unavailable_reason()}")
+  return False
+
+
+def threads(environ=os.environ) -> int:
+  """Threads a kernel splits its batch over: ``DIFFJAX_CPU_THREADS``, else the usable cores."""
+  value = environ.get("DIFFJAX_CPU_THREADS", "").strip()
+  if value:
+    if not value.isdigit() or int(value) < 1:
+      raise ValueError(f"DIFFJAX_CPU_THREADS={value!r} is not a positive integer")
+    return int(value)
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -1,0 +1,157 @@
+"""2-D convolutions on XLA:CPU through oneDNN custom calls, with a hand-written VJP.
+
+:func:`conv_general_dilated` is a drop-in for ``jax.lax.conv_general_dilated`` (Flax's
+``nn.Conv(conv_general_dilated=...)`` hook, used by :func:`diffjax.models.conv.conv`). It takes the
+oneDNN path of :mod:`diffjax.cpu_kernels` (``csrc/onednn_conv.cc``) for float32 NHWC/HWIO convolutions
+without dilation or groups when those kernels are enabled, and XLA's convolution for everything else.
+The path is chosen per platform inside the computation (``jax.lax.platform_dependent``): on GPU and
+TPU the same function lowers to XLA's convolution. The VJP calls oneDNN's backward-data and
+backward-weights primitives on CPU (XLA's transposed convolutions elsewhere). Forward and gradients
+equal XLA's to 1e-5 (``tests/test_onednn_conv.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from diffjax import cpu_kernels
+
+__all__ = ["conv2d_nhwc", "conv_general_dilated"]
+
+TARGETS = {
+  "fwd": "DiffjaxOnednnConvFwd",
+  "bwd_data": "DiffjaxOnednnConvBwdData",
+  "bwd_weights": "DiffjaxOnednnConvBwdWeights",
+}
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _attrs(strides, padding) -> dict:
+  (pt, pb), (pl, pr) = padding
+  values = (*strides, pt, pb, pl, pr, cpu_kernels.threads())
+  return {k: np.int64(v) for k, v in zip(("sh", "sw", "pt", "pb", "pl", "pr", "threads"), values)}
+
+
+def _out_hw(in_hw, kernel_hw, strides, padding) -> tuple[int, int]:
+  return tuple((n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(in_hw, kernel_hw, strides, padding))
+
+
+def _call(which: str, shape, a, b, strides, padding):
+  out = jax.ShapeDtypeStruct(shape, jnp.float32)
+  return jax.ffi.ffi_call(TARGETS[which], out, vmap_method="sequential")(a, b, **_attrs(strides, padding))
+
+
+def _xla_conv(x, w, strides, padding):
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
+
+
+def _forward(x, w, strides, padding):
+  n, h, wd, _ = x.shape
+  oh, ow = _out_hw((h, wd), w.shape[:2], strides, padding)
+  onednn = functools.partial(_call, "fwd", (n, oh, ow, w.shape[3]), strides=strides, padding=padding)
+  xla = functools.partial(_xla_conv, strides=strides, padding=padding)
+  return lax.platform_dependent(x, w, cpu=onednn, default=xla)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d_nhwc(x, w, strides, padding):
+  """Float32 convolution ``x[N,H,W,C] * w[KH,KW,C,O]`` with integer ``strides`` and ``padding`` pairs.
+
+  oneDNN on CPU, XLA's convolution elsewhere; the VJP calls oneDNN's backward-data and backward-weights
+  primitives on CPU and XLA's transposed convolutions elsewhere.
+  """
+  return _forward(x, w, strides, padding)
+
+
+def _vjp_fwd(x, w, strides, padding):
+  return _forward(x, w, strides, padding), (x, w)
+
+
+def _vjp_bwd(strides, padding, res, dy):
+  x, w = res
+
+  def xla_dx(dy, w):
+    return jax.vjp(lambda a: _xla_conv(a, w, strides, padding), x)[1](dy)[0]
+
+  def xla_dw(x, dy):
+    return jax.vjp(lambda k: _xla_conv(x, k, strides, padding), w)[1](dy)[0]
+
+  onednn_dx = functools.partial(_call, "bwd_data", x.shape, strides=strides, padding=padding)
+  onednn_dw = functools.partial(_call, "bwd_weights", w.shape, strides=strides, padding=padding)
+  dx = lax.platform_dependent(dy, w, cpu=onednn_dx, default=xla_dx)
+  dw = lax.platform_dependent(x, dy, cpu=onednn_dw, default=xla_dw)
+  return dx, dw
+
+
+conv2d_nhwc.defvjp(_vjp_fwd, _vjp_bwd)
+
+
+def _nhwc_numbers(lhs, rhs, dimension_numbers) -> bool:
+  if dimension_numbers is None:
+    return False
+  want = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+  return lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == want
+
+
+def conv_general_dilated(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  batch_group_count=1,
+  precision=None,
+  preferred_element_type=None,
+):
+  """``jax.lax.conv_general_dilated`` with the oneDNN path for the cases it covers (see module doc).
+
+  Covered: rank-4 float32 operands in NHWC/HWIO layout, no input or kernel dilation, one feature and
+  batch group, no non-default precision or preferred element type, non-negative padding, no empty
+  dimension, and :func:`diffjax.cpu_kernels.enabled`. Anything else is passed to ``jax.lax.conv_general_dilated`` unchanged.
+  """
+  plain = functools.partial(
+    lax.conv_general_dilated,
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dimension_numbers,
+    feature_group_count=feature_group_count,
+    batch_group_count=batch_group_count,
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  )
+  if (
+    jnp.ndim(lhs) != 4
+    or jnp.ndim(rhs) != 4
+    or jnp.result_type(lhs) != jnp.float32
+    or jnp.result_type(rhs) != jnp.float32
+    or any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+    or feature_group_count != 1
+    or batch_group_count != 1
+    or precision is not None
+    or preferred_element_type not in (None, jnp.float32)
+    or not _nhwc_numbers(lhs, rhs, dimension_numbers)
+    or 0 in lhs.shape
+    or 0 in rhs.shape
+  ):
+    return plain()
+  pads = (
+    lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+    if isinstance(padding, str)
+    else padding
+  )
+  pads = tuple((int(lo), int(hi)) for lo, hi in pads)
+  if any(p < 0 for pair in pads for p in pair) or not cpu_kernels.enabled():
+    return plain()
+  return conv2d_nhwc(lhs, rhs, tuple(int(s) for s in window_strides), pads)

@@ -1,0 +1,108 @@
+"""oneDNN convolutions (diffjax.onednn_conv): equal to XLA's forward and gradients; fall back where not covered."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffjax import cpu_kernels
+from diffjax.models.conv import conv
+from diffjax.onednn_conv import conv_general_dilated
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason=f"{cpu_kernels.unavailable_reason()}")
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _reference(x, w, strides, padding):
+  return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DN, precision="highest")
+
+
+def _value_and_grads(fn, x, w, dy):
+  y, pull = jax.vjp(fn, x, w)
+  return (y, *pull(dy))
+
+
+@pytest.mark.parametrize(
+  "batch, hw, cin, cout, k, strides, padding",
+  [
+    (4, (9, 9), 8, 16, 3, (1, 1), ((1, 1), (1, 1))),  # the U-Net's 3x3
+    (3, (8, 8), 16, 8, 3, (2, 2), ((1, 1), (1, 1))),  # strided downsampler
+    (2, (8, 8), 16, 8, 3, (2, 2), "VALID"),  # the autoencoder's downsampler (padded outside)
+    (5, (7, 6), 12, 24, 1, (1, 1), "VALID"),  # 1x1 shortcut, odd batch split over threads
+    (1, (6, 10), 3, 5, 3, (1, 2), ((2, 0), (1, 3))),  # asymmetric strides and padding
+    (2, (7, 7), 1, 4, 3, (1, 1), "SAME"),
+  ],
+)
+def test_forward_and_gradients_match_xla(batch, hw, cin, cout, k, strides, padding):
+  keys = jax.random.split(jax.random.key(0), 2)
+  x = jax.random.normal(keys[0], (batch, *hw, cin))
+  w = jax.random.normal(keys[1], (k, k, cin, cout)) / np.sqrt(k * k * cin)
+  ours = lambda a, b: conv_general_dilated(a, b, strides, padding, dimension_numbers=DN)
+  y = jax.jit(ours)(x, w)
+  dy = jax.random.normal(jax.random.key(1), y.shape)
+  got = jax.jit(lambda *a: _value_and_grads(ours, *a))(x, w, dy)
+  want = jax.jit(lambda *a: _value_and_grads(lambda a, b: _reference(a, b, strides, padding), *a))(x, w, dy)
+  for name, g, r in zip(("y", "dx", "dw"), got, want):
+    assert g.shape == r.shape, name
+    scale = max(1.0, float(jnp.max(jnp.abs(r))))
+    np.testing.assert_allclose(np.asarray(g) / scale, np.asarray(r) / scale, atol=1e-5, rtol=0, err_msg=name)
+  hlo = (
+    jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(ours(a, b) * dy), argnums=(0, 1)))
+    .lower(x, w)
+    .compile()
+    .as_text()
+  )
+  for target in ("DiffjaxOnednnConvFwd", "DiffjaxOnednnConvBwdData", "DiffjaxOnednnConvBwdWeights"):
+    assert target in hlo  # the oneDNN path was taken, not XLA's
+
+
+@pytest.mark.parametrize(
+  "case",
+  [
+    {"lhs": jnp.bfloat16},
+    {"rhs_dilation": (2, 2)},
+    {"feature_group_count": 2},
+    {"dimension_numbers": ("NCHW", "OIHW", "NCHW")},
+  ],
+)
+def test_uncovered_cases_use_xla_and_match_it(case):
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 2 if case.get("feature_group_count") else 4, 4))
+  if "dimension_numbers" in case:  # channels first
+    x, w = jnp.transpose(x, (0, 3, 1, 2)), jnp.transpose(w, (3, 2, 0, 1))
+  kwargs = {"dimension_numbers": DN, **{k: v for k, v in case.items() if k != "lhs"}}
+  if "lhs" in case:
+    x, w = x.astype(case["lhs"]), w.astype(case["lhs"])
+  ours = jax.jit(lambda a, b: conv_general_dilated(a, b, (1, 1), "SAME", **kwargs))
+  plain = jax.jit(lambda a, b: jax.lax.conv_general_dilated(a, b, (1, 1), "SAME", **kwargs))
+  np.testing.assert_array_equal(np.asarray(ours(x, w)), np.asarray(plain(x, w)))
+  assert "DiffjaxOnednn" not in ours.lower(x, w).compile().as_text()
+
+
+def test_setting_xla_keeps_xla_convolutions(monkeypatch):
+  x, w = jnp.ones((2, 5, 5, 3)), jnp.ones((3, 3, 3, 4))
+  monkeypatch.setenv("DIFFJAX_CPU_KERNELS", "xla")
+  f = jax.jit(lambda a, b: conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=DN))
+  assert "DiffjaxOnednn" not in f.lower(x, w).compile().as_text()
+
+
+def test_conv_layer_is_flax_conv_with_the_same_parameters_and_values():
+  x = jax.random.normal(jax.random.key(0), (3, 6, 6, 4))
+  ours, ref = conv(8, (3, 3), padding=((1, 1), (1, 1))), nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)))
+  params = ref.init(jax.random.key(1), x)
+  assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(params)
+  np.testing.assert_allclose(np.asarray(ours.apply(params, x)), np.asarray(ref.apply(params, x)), atol=1e-5)
+
+
+def test_vmap_and_non_cpu_lowering_use_xla_elsewhere():
+  x = jax.random.normal(jax.random.key(0), (3, 2, 6, 6, 4))  # a vmapped batch of batches
+  w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5))
+  f = lambda a: conv_general_dilated(a, w, (1, 1), "SAME", dimension_numbers=DN)
+  got = jax.jit(jax.vmap(f))(x)
+  want = jax.vmap(lambda a: _reference(a, w, (1, 1), "SAME"))(x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  # Lowered for TPU (possible without one), the same function has no oneDNN call in it.
+  text = jax.jit(f).trace(x[0]).lower(lowering_platforms=("tpu",)).as_text()
+  assert "DiffjaxOnednn" not in text and "convolution" in text
