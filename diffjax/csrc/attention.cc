@@ -8,8 +8,8 @@
 // out and the per-query log-sum-exp and recomputing the probabilities in the backward pass (as in
 // FlashAttention, Dao et al. 2022). Each (batch, head) pair is one task: its k and v are gathered into
 // [D, S] buffers, so for every query one loop over the S keys (unit stride, vectorised, D unrolled for
-// the common head sizes) does all the work: logits, exp, and in the backward pass the gradient updates
-// of dk and dv in [D, S] buffers and dq in vector accumulators. Nothing [L, S]-sized is materialised and
+// the common head sizes) serves a block of four queries: logits and exp, the output, and in the backward
+// pass the updates of dk and dv in [D, S] buffers and the dq accumulators. Nothing [L, S]-sized is materialised and
 // the [B, L, H, D] layout is read and written in place (no transposes around the call). Tasks are split
 // over diffjax::Pool() threads.
 #include <algorithm>
@@ -45,41 +45,100 @@ void ScatterTransposed(const float* in, const Dims& dm, int64_t bi, int64_t hd, 
   }
 }
 
-// One (batch, head) task. DN > 0 fixes the head size at compile time; DN == 0 uses dm.d.
+constexpr int kQueryBlock = 4;  // queries that share one pass over the keys
+
+// One (batch, head) task. DN > 0 fixes the head size at compile time; DN == 0 uses dm.d. Queries go in
+// blocks of four (a short last block is padded with zero queries whose results are dropped).
 template <int DN>
 void ForwardTask(const Dims& dm, int64_t bi, int64_t hd, const float* q, const float* k, const float* v, float* out,
                  float* lse) {
   const int64_t D = DN > 0 ? DN : dm.d, S = dm.s;
+  constexpr int QB = kQueryBlock;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  std::vector<float> kt(D * S), vt(D * S), p(S);
-  GatherTransposed(k, dm, bi, hd, kt.data());
-  GatherTransposed(v, dm, bi, hd, vt.data());
-  for (int64_t i = 0; i < dm.l; ++i) {
-    const float* qi = q + ((bi * dm.l + i) * dm.h + hd) * D;
-    float qs[DN > 0 ? DN : 256];
-    for (int64_t d = 0; d < D; ++d) qs[d] = qi[d] * scale;
-    float m = -INFINITY;
-    for (int64_t j = 0; j < S; ++j) {
-      float z = 0.0f;
-      for (int64_t d = 0; d < D; ++d) z += qs[d] * kt[d * S + j];
-      p[j] = z;
-      m = std::max(m, z);
+  std::vector<float> kt_(D * S), vt_(D * S), p_(QB * S);
+  float* __restrict kt = kt_.data();
+  float* __restrict vt = vt_.data();
+  float* __restrict p = p_.data();
+  GatherTransposed(k, dm, bi, hd, kt);
+  GatherTransposed(v, dm, bi, hd, vt);
+  for (int64_t i0 = 0; i0 < dm.l; i0 += QB) {
+    const int64_t nb = std::min<int64_t>(QB, dm.l - i0);
+    float qs[QB][DN > 0 ? DN : 256];
+    for (int64_t b = 0; b < QB; ++b) {
+      const float* qi = q + ((bi * dm.l + i0 + (b < nb ? b : 0)) * dm.h + hd) * D;
+      for (int64_t d = 0; d < D; ++d) qs[b][d] = b < nb ? qi[d] * scale : 0.0f;
     }
-    float denom = 0.0f;
+    float* __restrict p0 = p;
+    float* __restrict p1 = p + S;
+    float* __restrict p2 = p + 2 * S;
+    float* __restrict p3 = p + 3 * S;
+    float m0 = -INFINITY, m1 = -INFINITY, m2 = -INFINITY, m3 = -INFINITY;
     for (int64_t j = 0; j < S; ++j) {
-      const float e = std::exp(p[j] - m);
-      p[j] = e;
-      denom += e;
+      float z0 = 0.0f, z1 = 0.0f, z2 = 0.0f, z3 = 0.0f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float kv = kt[d * S + j];
+        z0 += qs[0][d] * kv;
+        z1 += qs[1][d] * kv;
+        z2 += qs[2][d] * kv;
+        z3 += qs[3][d] * kv;
+      }
+      p0[j] = z0, p1[j] = z1, p2[j] = z2, p3[j] = z3;
+      m0 = std::max(m0, z0), m1 = std::max(m1, z1), m2 = std::max(m2, z2), m3 = std::max(m3, z3);
     }
-    float* oi = out + ((bi * dm.l + i) * dm.h + hd) * D;
-    const float inv = 1.0f / denom;
+    const float m[QB] = {m0, m1, m2, m3};
+    float inv[QB];
+    for (int64_t b = 0; b < QB; ++b) {
+      float* __restrict pb = p + b * S;
+      float denom = 0.0f;
+      for (int64_t j = 0; j < S; ++j) {
+        const float e = std::exp(pb[j] - m[b]);
+        pb[j] = e;
+        denom += e;
+      }
+      inv[b] = 1.0f / denom;
+      if (b < nb) lse[(bi * dm.h + hd) * dm.l + i0 + b] = m[b] + std::log(denom);
+    }
     for (int64_t d = 0; d < D; ++d) {
-      float acc = 0.0f;
-      const float* row = vt.data() + d * S;
-      for (int64_t j = 0; j < S; ++j) acc += p[j] * row[j];
-      oi[d] = acc * inv;
+      const float* __restrict row = vt + d * S;
+      float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+      for (int64_t j = 0; j < S; ++j) {
+        const float vj = row[j];
+        a0 += p0[j] * vj;
+        a1 += p1[j] * vj;
+        a2 += p2[j] * vj;
+        a3 += p3[j] * vj;
+      }
+      const float acc[QB] = {a0, a1, a2, a3};
+      for (int64_t b = 0; b < nb; ++b) out[((bi * dm.l + i0 + b) * dm.h + hd) * D + d] = acc[b] * inv[b];
     }
-    lse[(bi * dm.h + hd) * dm.l + i] = m + std::log(denom);
+  }
+}
+
+// P and dS (times the logit scale) of query `at` for every key, into p[S], ds[S]; returns nothing.
+template <int DN>
+void ProbabilitiesAndScores(int64_t D, int64_t S, float scale, const float* __restrict kt,
+                            const float* __restrict vt, const float* qi, const float* gi, const float* oi,
+                            float l_i, float* __restrict p, float* __restrict ds) {
+  float qs[DN > 0 ? DN : 256], g[DN > 0 ? DN : 256];
+  float delta = 0.0f;
+  for (int64_t d = 0; d < D; ++d) {
+    qs[d] = qi[d] * scale;
+    g[d] = gi[d];
+    delta += gi[d] * oi[d];
+  }
+  for (int64_t j = 0; j < S; ++j) {  // logits and dP = dout . v
+    float z = 0.0f, dp = 0.0f;
+    for (int64_t d = 0; d < D; ++d) {
+      z += qs[d] * kt[d * S + j];
+      dp += g[d] * vt[d * S + j];
+    }
+    p[j] = z;
+    ds[j] = dp;
+  }
+  for (int64_t j = 0; j < S; ++j) {
+    const float e = std::exp(p[j] - l_i);
+    p[j] = e;
+    ds[j] = e * (ds[j] - delta) * scale;
   }
 }
 
@@ -87,8 +146,10 @@ template <int DN>
 void BackwardTask(const Dims& dm, int64_t bi, int64_t hd, const float* q, const float* k, const float* v,
                   const float* out, const float* lse, const float* dout, float* dq, float* dk, float* dv) {
   const int64_t D = DN > 0 ? DN : dm.d, S = dm.s;
+  constexpr int QB = kQueryBlock;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  std::vector<float> kt_(D * S), vt_(D * S), dkt_(D * S, 0.0f), dvt_(D * S, 0.0f), p_(S), ds_(S);
+  std::vector<float> kt_(D * S), vt_(D * S), dkt_(D * S, 0.0f), dvt_(D * S, 0.0f), p_(QB * S, 0.0f),
+      ds_(QB * S, 0.0f);
   float* __restrict kt = kt_.data();
   float* __restrict vt = vt_.data();
   float* __restrict dkt = dkt_.data();
@@ -97,45 +158,46 @@ void BackwardTask(const Dims& dm, int64_t bi, int64_t hd, const float* q, const 
   float* __restrict ds = ds_.data();
   GatherTransposed(k, dm, bi, hd, kt);
   GatherTransposed(v, dm, bi, hd, vt);
-  for (int64_t i = 0; i < dm.l; ++i) {
-    const int64_t at = ((bi * dm.l + i) * dm.h + hd) * D;
-    const float l_i = lse[(bi * dm.h + hd) * dm.l + i];
-    float qs[DN > 0 ? DN : 256], qd[DN > 0 ? DN : 256], g[DN > 0 ? DN : 256];
-    float delta = 0.0f;
-    for (int64_t d = 0; d < D; ++d) {
-      qd[d] = q[at + d];
-      qs[d] = qd[d] * scale;
-      g[d] = dout[at + d];
-      delta += g[d] * out[at + d];
-    }
-    // Logits and dP = dout . v for every key, then P and dS = P (dP - delta) (times the logit scale).
-    for (int64_t j = 0; j < S; ++j) {
-      float z = 0.0f, dp = 0.0f;
+  for (int64_t i0 = 0; i0 < dm.l; i0 += QB) {
+    const int64_t nb = std::min<int64_t>(QB, dm.l - i0);
+    int64_t at[QB];
+    float qd[QB][DN > 0 ? DN : 256], g[QB][DN > 0 ? DN : 256];
+    for (int64_t b = 0; b < QB; ++b) {
+      // A short last block repeats its first query with zero weights (p, ds stay 0 for it).
+      at[b] = ((bi * dm.l + i0 + (b < nb ? b : 0)) * dm.h + hd) * D;
       for (int64_t d = 0; d < D; ++d) {
-        z += qs[d] * kt[d * S + j];
-        dp += g[d] * vt[d * S + j];
+        qd[b][d] = b < nb ? q[at[b] + d] : 0.0f;
+        g[b][d] = b < nb ? dout[at[b] + d] : 0.0f;
       }
-      p[j] = z;
-      ds[j] = dp;
+      if (b < nb) {
+        ProbabilitiesAndScores<DN>(D, S, scale, kt, vt, q + at[b], dout + at[b], out + at[b],
+                                   lse[(bi * dm.h + hd) * dm.l + i0 + b], p + b * S, ds + b * S);
+      } else {
+        std::fill(p + b * S, p + (b + 1) * S, 0.0f);
+        std::fill(ds + b * S, ds + (b + 1) * S, 0.0f);
+      }
     }
-    for (int64_t j = 0; j < S; ++j) {
-      const float e = std::exp(p[j] - l_i);
-      p[j] = e;
-      ds[j] = e * (ds[j] - delta) * scale;
-    }
-    // dV[j] += P[j] dout, dK[j] += dS[j] q, dq = sum_j dS[j] k[j].
+    // dV[j] += sum_b P_b[j] dout_b, dK[j] += sum_b dS_b[j] q_b, dq_b = sum_j dS_b[j] k[j]: one pass.
     for (int64_t d = 0; d < D; ++d) {
-      const float gd = g[d], qv = qd[d];
       float* __restrict dvrow = dvt + d * S;
       float* __restrict dkrow = dkt + d * S;
       const float* __restrict krow = kt + d * S;
-      float acc = 0.0f;
+      const float g0 = g[0][d], g1 = g[1][d], g2 = g[2][d], g3 = g[3][d];
+      const float q0 = qd[0][d], q1 = qd[1][d], q2 = qd[2][d], q3 = qd[3][d];
+      const float *p0 = p, *p1 = p + S, *p2 = p + 2 * S, *p3 = p + 3 * S;
+      const float *s0 = ds, *s1 = ds + S, *s2 = ds + 2 * S, *s3 = ds + 3 * S;
+      float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
       for (int64_t j = 0; j < S; ++j) {
-        dvrow[j] += p[j] * gd;
-        dkrow[j] += ds[j] * qv;
-        acc += ds[j] * krow[j];
+        dvrow[j] += p0[j] * g0 + p1[j] * g1 + p2[j] * g2 + p3[j] * g3;
+        dkrow[j] += s0[j] * q0 + s1[j] * q1 + s2[j] * q2 + s3[j] * q3;
+        const float kj = krow[j];
+        a0 += s0[j] * kj;
+        a1 += s1[j] * kj;
+        a2 += s2[j] * kj;
+        a3 += s3[j] * kj;
       }
-      dq[at + d] = acc;
+      const float acc[QB] = {a0, a1, a2, a3};
+      for (int64_t b = 0; b < nb; ++b) dq[at[b] + d] = acc[b];
     }
   }
   ScatterTransposed(dkt, dm, bi, hd, dk);
