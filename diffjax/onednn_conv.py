@@ -50,7 +50,26 @@ def _xla_conv(x, w, strides, padding):
   return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
 
 
+def _check(x, w, strides, padding) -> None:
+  """Clear errors for what the oneDNN kernels cannot take (they would otherwise read out of bounds)."""
+  if jnp.ndim(x) != 4 or jnp.ndim(w) != 4:
+    raise ValueError(
+      f"x must be [N, H, W, C] and w [KH, KW, C, O]; got shapes {jnp.shape(x)} and {jnp.shape(w)}"
+    )
+  if x.shape[3] != w.shape[2]:
+    raise ValueError(f"x has {x.shape[3]} channels but w expects {w.shape[2]} (w shape {w.shape})")
+  if len(strides) != 2 or any(int(st) < 1 for st in strides):
+    raise ValueError(f"strides must be two positive integers, got {strides!r}")
+  if len(padding) != 2 or any(len(pair) != 2 or min(pair) < 0 for pair in padding):
+    raise ValueError(f"padding must be two (low, high) pairs of non-negative integers, got {padding!r}")
+  if any(n < 1 for n in _out_hw(x.shape[1:3], w.shape[:2], strides, padding)):
+    raise ValueError(
+      f"kernel {w.shape[:2]} is larger than the padded input {x.shape[1:3]} (padding {padding!r})"
+    )
+
+
 def _forward(x, w, strides, padding):
+  _check(x, w, strides, padding)
   n, h, wd, _ = x.shape
   oh, ow = _out_hw((h, wd), w.shape[:2], strides, padding)
   onednn = functools.partial(_call, "fwd", (n, oh, ow, w.shape[3]), strides=strides, padding=padding)
@@ -61,6 +80,9 @@ def _forward(x, w, strides, padding):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d_nhwc(x, w, strides, padding):
   """Float32 convolution ``x[N,H,W,C] * w[KH,KW,C,O]`` with integer ``strides`` and ``padding`` pairs.
+
+  Raises ``ValueError`` naming the argument for mismatched ranks or channels, non-positive strides,
+  negative padding, or a kernel larger than the padded input.
 
   oneDNN on CPU, XLA's convolution elsewhere; the VJP calls oneDNN's backward-data and backward-weights
   primitives on CPU and XLA's transposed convolutions elsewhere.

@@ -106,3 +106,20 @@ def test_vmap_and_non_cpu_lowering_use_xla_elsewhere():
   # Lowered for TPU (possible without one), the same function has no oneDNN call in it.
   text = jax.jit(f).trace(x[0]).lower(lowering_platforms=("tpu",)).as_text()
   assert "DiffjaxOnednn" not in text and "convolution" in text
+
+
+@pytest.mark.parametrize(
+  "x_shape, w_shape, strides, padding, match",
+  [
+    ((2, 5, 5, 3), (3, 3, 4, 4), (1, 1), ((1, 1), (1, 1)), "channels"),
+    ((5, 5, 3), (3, 3, 3, 4), (1, 1), ((1, 1), (1, 1)), "x must be"),
+    ((2, 5, 5, 3), (3, 3, 3, 4), (0, 1), ((1, 1), (1, 1)), "strides"),
+    ((2, 5, 5, 3), (3, 3, 3, 4), (1, 1), ((-1, 1), (1, 1)), "padding"),
+    ((2, 2, 2, 3), (5, 5, 3, 4), (1, 1), ((0, 0), (0, 0)), "larger than"),
+  ],
+)
+def test_bad_arguments_are_named(x_shape, w_shape, strides, padding, match):
+  from diffjax.onednn_conv import conv2d_nhwc
+
+  with pytest.raises(ValueError, match=match):
+    conv2d_nhwc(jnp.ones(x_shape), jnp.ones(w_shape), strides, padding)

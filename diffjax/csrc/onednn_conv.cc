@@ -200,7 +200,7 @@ ffi::Error ConvBackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy
 
 }  // namespace
 
-#define DIFFJAX_CONV_BINDING(A, B, R)                                                          \
+#define DIFFJAX_CONV_BINDING                                                                   \
   ffi::Ffi::Bind()                                                                             \
       .Arg<ffi::Buffer<ffi::F32>>()                                                            \
       .Arg<ffi::Buffer<ffi::F32>>()                                                            \
@@ -213,6 +213,6 @@ ffi::Error ConvBackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy
       .Attr<int64_t>("pr")                                                                     \
       .Attr<int64_t>("threads")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffjaxOnednnConvFwd, ConvForward, DIFFJAX_CONV_BINDING(x, w, y));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffjaxOnednnConvBwdData, ConvBackwardData, DIFFJAX_CONV_BINDING(dy, w, dx));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffjaxOnednnConvBwdWeights, ConvBackwardWeights, DIFFJAX_CONV_BINDING(x, dy, dw));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffjaxOnednnConvFwd, ConvForward, DIFFJAX_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffjaxOnednnConvBwdData, ConvBackwardData, DIFFJAX_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffjaxOnednnConvBwdWeights, ConvBackwardWeights, DIFFJAX_CONV_BINDING);
