@@ -12,15 +12,41 @@ reason) and applies to every library in the process. The price is that the resid
 peak instead of shrinking between steps.
 
 It is a no-op (returning ``False``) on non-glibc platforms.
+
+``mallopt`` reaches only glibc's main arena. XLA:CPU allocates a step's temporaries on its own
+execution threads, which glibc gives secondary arenas; those grow in heaps of at most 64 MiB and
+serve anything larger with a fresh ``mmap`` whatever ``M_MMAP_MAX`` says (``sysmalloc``'s fallback),
+so the 446 MB temporary buffer of a 28x28 training step is still mapped and faulted in anew each step
+(``strace`` shows one ``mmap`` of that size per step). Which arena a thread uses is fixed when glibc
+starts, from ``GLIBC_TUNABLES``: :func:`reexec_with_tuned_malloc` restarts the Python process once with
+``glibc.malloc.arena_max=1`` (every thread allocates from the main heap) plus the two settings above,
+so the entry points that run long CPU jobs (``python -m diffjax``, the benchmarks) call it first.
+``DIFFJAX_MALLOC=default`` turns the restart off.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
-__all__ = ["keep_freed_memory", "keep_freed_memory_on_cpu", "restore_default_malloc"]
+__all__ = [
+  "TUNED_MALLOC_TUNABLES",
+  "keep_freed_memory",
+  "keep_freed_memory_on_cpu",
+  "reexec_with_tuned_malloc",
+  "restore_default_malloc",
+  "tuned_malloc_env",
+]
+
+# One heap for every thread, no mmapped chunks, and freed memory kept (see the module docstring).
+TUNED_MALLOC_TUNABLES = (
+  ("glibc.malloc.arena_max", "1"),
+  ("glibc.malloc.mmap_max", "0"),
+  ("glibc.malloc.trim_threshold", str(1 << 40)),
+)
+_OPT_OUT = "DIFFJAX_MALLOC"
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -82,3 +108,52 @@ def restore_default_malloc() -> bool:
   return bool(mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)) and bool(
     mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
   )
+
+
+def _is_glibc() -> bool:
+  if not sys.platform.startswith("linux"):
+    return False
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+  except OSError:
+    return False
+  return hasattr(libc, "gnu_get_libc_version")
+
+
+def tuned_malloc_env(environ: dict[str, str]) -> dict[str, str] | None:
+  """``environ`` with :data:`TUNED_MALLOC_TUNABLES` merged into ``GLIBC_TUNABLES``, or ``None``.
+
+  ``None`` means nothing is to change: the tunables are already there (settings the user gave for
+  the same names win), ``DIFFJAX_MALLOC=default`` opts out, or the C library is not glibc.
+
+  Raises:
+      ValueError: If ``DIFFJAX_MALLOC`` is set to something other than ``default`` or ``tuned``.
+  """
+  mode = environ.get(_OPT_OUT, "tuned")
+  if mode not in ("default", "tuned"):
+    raise ValueError(f"{_OPT_OUT} must be 'default' or 'tuned', got {mode!r}")
+  if mode == "default" or not _is_glibc():
+    return None
+  given = [item for item in environ.get("GLIBC_TUNABLES", "").split(":") if item]
+  names = {item.split("=", 1)[0] for item in given}
+  missing = [f"{name}={value}" for name, value in TUNED_MALLOC_TUNABLES if name not in names]
+  if not missing:
+    return None
+  return dict(environ, GLIBC_TUNABLES=":".join(given + missing))
+
+
+def reexec_with_tuned_malloc() -> None:
+  """Restart this Python process with :func:`tuned_malloc_env` unless it already runs with it.
+
+  Call it first thing in a ``__main__`` (before threads start): it replaces the process with
+  ``sys.executable`` and the same ``sys.orig_argv``, so it never returns when it restarts. The child
+  finds the tunables set and goes on. Measured by ``experiments/bench_unet.py`` (``--default-malloc``
+  for the comparison).
+  """
+  env = tuned_malloc_env(dict(os.environ))
+  if env is None:
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  argv = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+  os.execve(sys.executable, [sys.executable, *argv[1:]], env)

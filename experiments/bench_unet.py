@@ -19,9 +19,11 @@ rounds, with one thread as a reference. Ratios are medians over rounds (rotating
 runs) of torch time / jax time, so load from other processes hits both sides of a round alike.
 
 diffjax runs with its defaults, which on the CPU backend select the fast paths (blocked attention and
-fused GroupNorm(+SiLU), both with hand-written VJPs; see ``bench_cpu_paths.py`` for what each buys). The whole process, both frameworks alike, keeps freed
-heap memory for reuse (:func:`diffjax.host_memory.keep_freed_memory`; ``--default-malloc`` turns it
-off), as diffjax's training loop does on the CPU backend.
+fused GroupNorm(+SiLU), both with hand-written VJPs; see ``bench_cpu_paths.py`` for what each buys).
+The whole process, both frameworks alike, runs with glibc's malloc set as ``python -m diffjax`` sets
+it: one heap for all threads, no mmapped chunks, freed memory kept for reuse
+(:func:`diffjax.host_memory.reexec_with_tuned_malloc` restarts the script with ``GLIBC_TUNABLES``;
+``--default-malloc`` keeps glibc's defaults for the comparison).
 
 Run:   python experiments/bench_unet.py            (~15 min on 2 quiet CPU cores)
        python experiments/bench_unet.py --quick    (8x8x1 at batch 8, no memory children: a smoke run)
@@ -41,18 +43,22 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from diffjax.host_memory import keep_freed_memory, reexec_with_tuned_malloc
+
+if "--default-malloc" not in sys.argv and "--child" not in sys.argv:
+  reexec_with_tuned_malloc()  # restarts this process with GLIBC_TUNABLES set, before torch/jax start threads
+
 import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from diffjax import cpu_kernels, parallel
 from diffjax.data import ImageDataset, Prefetcher
 from diffjax.guidance import classifier_free_guidance
-from diffjax.host_memory import keep_freed_memory
 from diffjax.models import UNet, count_params
 from diffjax.models.attention import resolve_attention_fn
 from diffjax.models.diffusers_names import diffusers_to_flax_params
@@ -532,6 +538,7 @@ def main() -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+  env.pop("GLIBC_TUNABLES", None)  # the children measure live memory, so freed memory goes back
   t_start = time.time()
   result = {
     "command": ("python experiments/bench_unet.py " + " ".join(sys.argv[1:])).strip(),
@@ -540,6 +547,7 @@ def main() -> None:
       "load_avg_start": os.getloadavg(),
       "backend": jax.default_backend(),
       "malloc": "glibc default" if args.default_malloc else "keep_freed_memory",
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
     },
     "versions": {"jax": jax.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__},

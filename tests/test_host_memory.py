@@ -1,4 +1,4 @@
-"""keep_freed_memory serves large allocations from the heap (glibc ``mallinfo2``), and validates its argument."""
+"""keep_freed_memory and the GLIBC_TUNABLES restart serve large allocations from the heap (glibc ``mallinfo2``)."""
 
 import ctypes
 import ctypes.util
@@ -63,3 +63,68 @@ def test_on_cpu_applies_exactly_on_the_cpu_backend(monkeypatch):
   assert not host_memory.keep_freed_memory_on_cpu() and not calls
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert host_memory.keep_freed_memory_on_cpu() and calls == [1]
+
+
+_THREAD_ALLOC = """
+import ctypes, threading
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+class MI(ctypes.Structure):
+  _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = MI
+out = []
+def alloc():  # on a new thread, as XLA:CPU allocates a step's temporaries
+  p = libc.malloc(256 << 20)
+  out.append(libc.mallinfo2().hblkhd)
+  libc.free(ctypes.c_void_p(p))
+t = threading.Thread(target=alloc)
+t.start()
+t.join()
+"""
+
+
+def _run(code, env):
+  import subprocess
+  import sys
+
+  r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False)
+  assert r.returncode == 0, r.stderr
+  return r.stdout.strip().splitlines()
+
+
+def _clean_env(**extra):
+  import os
+
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "DIFFJAX_MALLOC")}
+  return dict(env, **extra)
+
+
+def test_reexec_sets_tunables_so_thread_allocations_stay_in_the_heap():
+  if _mmapped_bytes() is None:
+    pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+  report = "import ctypes.util, os\n" + _THREAD_ALLOC + "print(os.environ.get('GLIBC_TUNABLES'))\nprint(out[0])\n"
+  tunables, mmapped = _run(report, _clean_env())
+  assert tunables == "None" and int(mmapped) >= 256 << 20  # default: a secondary arena mmaps it
+  restart = "import sys\nfrom diffjax.host_memory import reexec_with_tuned_malloc\nreexec_with_tuned_malloc()\n"
+  tunables, mmapped = _run(restart + report, _clean_env(GLIBC_TUNABLES="glibc.malloc.tcache_count=7"))
+  assert tunables.split(":")[0] == "glibc.malloc.tcache_count=7"  # the user's settings are kept
+  assert "glibc.malloc.arena_max=1" in tunables and "glibc.malloc.mmap_max=0" in tunables
+  assert int(mmapped) == 0
+  tunables, mmapped = _run(restart + report, _clean_env(DIFFJAX_MALLOC="default"))
+  assert tunables == "None" and int(mmapped) >= 256 << 20
+
+
+def test_tuned_malloc_env_merges_and_validates(monkeypatch):
+  from diffjax import host_memory
+
+  monkeypatch.setattr(host_memory, "_is_glibc", lambda: True)
+  env = host_memory.tuned_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4", "X": "1"})
+  assert env["X"] == "1"
+  items = env["GLIBC_TUNABLES"].split(":")
+  assert items[0] == "glibc.malloc.arena_max=4" and len(items) == 3  # the user's value wins
+  assert host_memory.tuned_malloc_env(env) is None  # already set: no second restart
+  assert host_memory.tuned_malloc_env({"DIFFJAX_MALLOC": "default"}) is None
+  with pytest.raises(ValueError, match="DIFFJAX_MALLOC"):
+    host_memory.tuned_malloc_env({"DIFFJAX_MALLOC": "fast"})
+  monkeypatch.setattr(host_memory, "_is_glibc", lambda: False)
+  assert host_memory.tuned_malloc_env({}) is None
