@@ -46,7 +46,7 @@ ENV_VAR = "DIFFJAX_CPU_KERNELS"
 CHOICES = ("native", "xla")
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCES = ("onednn_conv.cc", "group_norm.cc", "attention.cc")
-HEADERS = ("workers.h",)
+HEADERS = ("workers.h", "fast_exp.h")
 TARGETS = (
   "DiffjaxOnednnConvFwd",
   "DiffjaxOnednnConvBwdData",

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "fast_exp.h"
 #include "workers.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -33,7 +34,7 @@ Shape ShapeOf(ffi::Span<const int64_t> dims, int64_t groups) {
   return Shape{dims[0], s, dims[dims.size() - 1], groups};
 }
 
-inline float Sigmoid(float z) { return 1.0f / (1.0f + std::exp(-z)); }
+inline float Sigmoid(float z) { return 1.0f / (1.0f + diffjax::FastExp(-z)); }
 
 // Per-channel mean of the groups (mc), and a, d with norm(x) * scale + bias = x * a + d.
 void Coefficients(const Shape& sh, const float* scale, const float* bias, const float* mean, const float* rstd,
