@@ -90,6 +90,31 @@ void ForwardImage(const Shape& sh, const float* x, const float* scale, const flo
   }
 }
 
+// First backward pass over one image: the cotangent g of the normalised output (through SiLU when
+// SILU) into out, and per channel the sums of g and g (x - mean). Restrict-qualified and with the SiLU
+// branch hoisted so that GCC vectorises it (with the branch inside, it ran scalar, exp by exp).
+template <bool SILU>
+void CotangentPass(int64_t n_s, int64_t c_n, const float* __restrict x, const float* __restrict dy,
+                   const float* __restrict a, const float* __restrict d, const float* __restrict mc,
+                   float* __restrict out, float* __restrict sum_g, float* __restrict sum_gx) {
+  for (int64_t s = 0; s < n_s; ++s) {
+    const float* __restrict row = x + s * c_n;
+    const float* __restrict grow = dy + s * c_n;
+    float* __restrict o = out + s * c_n;
+    for (int64_t c = 0; c < c_n; ++c) {
+      float g = grow[c];
+      if constexpr (SILU) {  // d silu(z) / dz = sig (1 + z (1 - sig))
+        const float z = row[c] * a[c] + d[c];
+        const float sig = Sigmoid(z);
+        g *= sig * (1.0f + z * (1.0f - sig));
+      }
+      o[c] = g;
+      sum_g[c] += g;
+      sum_gx[c] += g * (row[c] - mc[c]);
+    }
+  }
+}
+
 // dx for one image; adds the image's d(scale), d(bias) contributions to dscale, dbias.
 void BackwardImage(const Shape& sh, const float* x, const float* scale, const float* bias, const float* mean,
                    const float* rstd, const float* dy, bool silu, float* dx, float* dscale, float* dbias) {
@@ -97,21 +122,11 @@ void BackwardImage(const Shape& sh, const float* x, const float* scale, const fl
   const float n = static_cast<float>(sh.s * cg);
   std::vector<float> mc(c_n), rc(c_n), a(c_n), d(c_n), sum_g(c_n, 0.0f), sum_gx(c_n, 0.0f);
   Coefficients(sh, scale, bias, mean, rstd, mc.data(), rc.data(), a.data(), d.data());
-  for (int64_t s = 0; s < sh.s; ++s) {  // dx holds the cotangent of the normalised output for now
-    const float* row = x + s * c_n;
-    const float* grow = dy + s * c_n;
-    float* out = dx + s * c_n;
-    for (int64_t c = 0; c < c_n; ++c) {
-      float g = grow[c];
-      if (silu) {  // d silu(z) / dz = sig (1 + z (1 - sig))
-        const float z = row[c] * a[c] + d[c];
-        const float sig = Sigmoid(z);
-        g *= sig * (1.0f + z * (1.0f - sig));
-      }
-      out[c] = g;
-      sum_g[c] += g;
-      sum_gx[c] += g * (row[c] - mc[c]);
-    }
+  // dx holds the cotangent of the normalised output for now
+  if (silu) {
+    CotangentPass<true>(sh.s, c_n, x, dy, a.data(), d.data(), mc.data(), dx, sum_g.data(), sum_gx.data());
+  } else {
+    CotangentPass<false>(sh.s, c_n, x, dy, a.data(), d.data(), mc.data(), dx, sum_g.data(), sum_gx.data());
   }
   std::vector<float> m1(sh.g, 0.0f), m2(sh.g, 0.0f);
   for (int64_t c = 0; c < c_n; ++c) {
