@@ -224,7 +224,7 @@ def xla_kernels():
     jax.clear_caches()
 
 
-def bench_train(p, rounds: int, steps: int, ref_threads: int) -> tuple[dict, dict]:
+def bench_train(p, rounds: int, steps: int, ref_threads: int, warmup: int) -> tuple[dict, dict]:
   holder, key = {"state": new_state(p)}, jax.random.key(2)
   t0 = time.perf_counter()
   compiled = p["step"].lower(holder["state"], p["batch"], key).compile()
@@ -259,8 +259,9 @@ def bench_train(p, rounds: int, steps: int, ref_threads: int) -> tuple[dict, dic
     runs["jax_xla"] = jax_xla_steps
   if ref_threads:
     runs["torch_ref"] = with_threads(torch_steps, ref_threads)
-  for fn in runs.values():  # warm-up
-    fn()
+  for _ in range(warmup):  # until the heap has settled: no page faults in the timed steps
+    for fn in runs.values():
+      fn()
   out = alternate(runs, rounds, steps, 1.0, "steps_per_s")
   out.update(jax_compile_s=compile_s, flops_per_step=float(cost["flops"]))
   out["xla_temp_mb"] = compiled.memory_analysis().temp_size_in_bytes / 2**20
@@ -413,7 +414,10 @@ def write_markdown(result: dict) -> str:
     f"ratio); torch{n}t: {n} thread, timed in the same rounds. Ratio: median over rounds (rotating the "
     "order of the runs) of torch time / jax time. jax: diffjax's native CPU kernels (oneDNN convolutions, "
     "GroupNorm; `diffjax.cpu_kernels`); jax-xla: the same diffjax model traced with "
-    "`DIFFJAX_CPU_KERNELS=xla` (XLA's kernels, the previous default), timed in the same rounds."
+    "`DIFFJAX_CPU_KERNELS=xla` (XLA's kernels, the previous default), timed in the same rounds. "
+    f"Training: {st.get('train_warmup', 1)} untimed warm-up runs of each side, then {st['train_rounds']} rounds. "
+    f"glibc malloc of the whole process (both frameworks): `GLIBC_TUNABLES={mach.get('glibc_tunables') or '(unset)'}`"
+    + (" (`diffjax.host_memory`, as `python -m diffjax` runs)." if mach.get("glibc_tunables") else ".")
   )
   lines = [
     "# bench_unet: diffjax U-Net vs diffusers UNet2DModel (PyTorch), same machine, one run",
@@ -510,8 +514,9 @@ def main() -> None:
   ap.add_argument("--sample-batch", type=int, default=8, help="images per DDIM run (model batch 2x)")
   ap.add_argument("--sample-steps", type=int, default=50)
   ap.add_argument("--guidance", type=float, default=2.0)
-  ap.add_argument("--train-rounds", type=int, default=5)
+  ap.add_argument("--train-rounds", type=int, default=7)
   ap.add_argument("--train-steps", type=int, default=1, help="steps per run per round")
+  ap.add_argument("--train-warmup", type=int, default=6, help="untimed runs of each side before the rounds")
   ap.add_argument("--sample-rounds", type=int, default=3)
   ap.add_argument("--torch-ref-threads", type=int, default=1, help="also time torch with N threads; 0: off")
   ap.add_argument("--no-memory", action="store_true")
@@ -531,6 +536,7 @@ def main() -> None:
   if args.quick:
     args.resolutions, args.batch, args.sample_batch, args.sample_steps = "8x8x1", 8, 2, 3
     args.train_rounds, args.train_steps, args.sample_rounds, args.no_memory = 2, 1, 2, True
+    args.train_warmup = 1
   # Memory children load the compiled executables from this cache. glibc returns blocks >= 64 KiB
   # to the OS when they are freed, so both frameworks' RSS follows their live memory.
   cache = tempfile.mkdtemp(prefix="bench_unet_xla_cache_")
@@ -568,7 +574,9 @@ def main() -> None:
       "params_torch": sum(x.numel() for x in p["torch_model"].parameters()),
     }
     r["forward_max_abs_diff"] = forward_parity(p)
-    r["train"], jx = bench_train(p, args.train_rounds, args.train_steps, args.torch_ref_threads)
+    r["train"], jx = bench_train(
+      p, args.train_rounds, args.train_steps, args.torch_ref_threads, args.train_warmup
+    )
     r["pipeline"] = bench_pipeline(p, jx, steps=2 if args.quick else 3)
     peak = result["matmul"]["peak_gflops"] * 1e9
     for k in ("jax", "torch", "torch_ref"):
