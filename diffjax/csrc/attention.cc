@@ -135,19 +135,15 @@ void ProbabilitiesAndScores(int64_t D, int64_t S, int64_t s_real, float scale, c
     g[d] = gi[d];
     delta += gi[d] * oi[d];
   }
-  for (int64_t j = 0; j < S; ++j) {  // logits and dP = dout . v
+  for (int64_t j = 0; j < S; ++j) {  // logits and dP = dout . v, then P and dS in the same pass
     float z = 0.0f, dp = 0.0f;
     for (int64_t d = 0; d < D; ++d) {
       z += qs[d] * kt[d * S + j];
       dp += g[d] * vt[d * S + j];
     }
-    p[j] = z;
-    ds[j] = dp;
-  }
-  for (int64_t j = 0; j < S; ++j) {
-    const float e = diffjax::FastExp(p[j] - l_i);
+    const float e = diffjax::FastExp(z - l_i);
     p[j] = e;
-    ds[j] = e * (ds[j] - delta) * scale;
+    ds[j] = e * (dp - delta) * scale;
   }
   for (int64_t j = s_real; j < S; ++j) p[j] = ds[j] = 0.0f;  // padded keys
 }

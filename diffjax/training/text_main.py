@@ -43,4 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  from diffjax.host_memory import reexec_with_tuned_malloc
+
+  reexec_with_tuned_malloc()  # one malloc heap for XLA's threads (diffjax.host_memory)
   sys.exit(main())
