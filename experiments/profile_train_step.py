@@ -20,9 +20,16 @@ Absolute times depend on the machine's load; run it on a quiet machine. diffjax 
 (native CPU kernels; ``DIFFJAX_CPU_KERNELS=xla`` profiles XLA's kernels instead, then with
 ``DIFFJAX_CPU_CONV=xla`` for attributable convolutions, see :mod:`diffjax.xla_cpu`).
 
+With ``--sample`` it profiles guided DDIM sampling instead (``bench_unet.py``'s samplers: classifier-free
+guidance with both passes in one batch of 2 x ``--sample-batch`` images, ``--steps`` DDIM steps per
+run), in ms per sampling step, i.e. per model evaluation. The whole diffjax sampler is one loop (one
+``while`` thunk), so every thunk but that loop is counted; with ``DIFFJAX_CPU_KERNELS=xla`` the ops
+inside the blocked-attention loops are then classed as dense/other rather than "attention core".
+
 Run:   python experiments/profile_train_step.py   (28x28x1 and 32x32x3, ~3 min)
+       python experiments/profile_train_step.py --sample   (-> profile_sampling.*, ~2 min)
        python experiments/profile_train_step.py --res 8x8x1 --steps 2 --name profile_quick
-Writes experiments/results/profile_train_step.json and .md.
+Writes experiments/results/profile_train_step.json and .md (``profile_sampling.*`` with ``--sample``).
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_unet import TorchTrainer, new_state, setup
+from bench_unet import TorchTrainer, make_jax_sampler, make_torch_sampler, new_state, setup
 from trained_run import machine, write_results
 
 from diffjax import cpu_kernels
@@ -126,7 +133,7 @@ def profile_jax(p, steps: int) -> dict:
   compiled = p["step"].lower(state, p["batch"], key).compile()
   text = compiled.as_text()
   lines, bodies = hlo_instructions(text), fused_bodies(text)
-  for _ in range(2):
+  for _ in range(8):  # warm-up until the single malloc heap has settled (no page faults in the steps)
     state, m = compiled(state, p["batch"], key)
   jax.block_until_ready(m)
   plain = []
@@ -160,6 +167,65 @@ def profile_jax(p, steps: int) -> dict:
   return {"ms": dict(by_class), "plain_step_ms": float(np.median(plain)) * 1e3}
 
 
+def _jax_events(trace) -> list:
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  return [e for e in events if e.get("ph") == "X"]
+
+
+def _traced(fn, steps: int) -> tuple[list, float]:
+  """Runs ``fn`` once under ``jax.profiler.trace``: its complete events and wall ms per step."""
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      t0 = time.perf_counter()
+      fn()
+      traced_ms = (time.perf_counter() - t0) / steps * 1e3
+    (path,) = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
+    with gzip.open(path) as f:
+      return _jax_events(json.load(f)), traced_ms
+
+
+def profile_jax_sampling(p, steps: int, guidance: float) -> dict:
+  args = (p["params"], jax.numpy.asarray(p["x_T"]), jax.numpy.asarray(p["s_labels"]))
+  n = jax.numpy.int32(steps)
+  compiled = make_jax_sampler(p["model"], p["schedule"], guidance).lower(*args, n).compile()
+  text = compiled.as_text()
+  lines, bodies = hlo_instructions(text), fused_bodies(text)
+  jax.block_until_ready(compiled(*args, n))
+  plain = []
+  for _ in range(3):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args, n))
+    plain.append((time.perf_counter() - t0) / steps)
+  events, traced_ms = _traced(lambda: jax.block_until_ready(compiled(*args, n)), steps)
+  by_class = collections.Counter()
+  for e in events:
+    name = e.get("name")
+    if name in lines and not name.startswith("while"):  # the sampler's loop holds all the rest
+      by_class[jax_class(name, lines[name], bodies)] += e.get("dur", 0.0) / steps / 1e3
+  by_class["not attributed"] = max(0.0, traced_ms - sum(by_class.values()))
+  return {"ms": dict(by_class), "plain_step_ms": float(np.median(plain)) * 1e3}
+
+
+def profile_torch_sampling(p, steps: int, guidance: float) -> dict:
+  torch.set_num_threads(os.cpu_count())
+  sample = make_torch_sampler(p["torch_model"], steps, guidance)
+  sample(*p["t_sample_in"])
+  plain = []
+  for _ in range(3):
+    t0 = time.perf_counter()
+    sample(*p["t_sample_in"])
+    plain.append((time.perf_counter() - t0) / steps)
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    t0 = time.perf_counter()
+    sample(*p["t_sample_in"])
+    traced_ms = (time.perf_counter() - t0) / steps * 1e3
+  by_class = collections.Counter()
+  for ev in prof.key_averages():
+    by_class[torch_class(ev.key)] += ev.self_cpu_time_total / steps / 1e3
+  by_class["not attributed"] = max(0.0, traced_ms - sum(by_class.values()))
+  return {"ms": dict(by_class), "plain_step_ms": float(np.median(plain)) * 1e3}
+
+
 def torch_class(name: str) -> str | None:
   n = name.lower()
   if n in ("aten::convolution_backward",):
@@ -180,7 +246,7 @@ def torch_class(name: str) -> str | None:
 def profile_torch(p, steps: int) -> dict:
   torch.set_num_threads(os.cpu_count())
   trainer = TorchTrainer(p["torch_model"], np.asarray(p["schedule"].alphas_cumprod))
-  for _ in range(2):
+  for _ in range(4):
     trainer.step(*p["t_batch"])
   plain = []
   for _ in range(steps):
@@ -205,8 +271,12 @@ def main() -> None:
   ap.add_argument("--res", nargs="+", default=["28x28x1", "32x32x3"])
   ap.add_argument("--batch", type=int, default=64)
   ap.add_argument("--steps", type=int, default=3, help="profiled steps per framework")
-  ap.add_argument("--name", default="profile_train_step")
+  ap.add_argument("--name", default=None, help="results name (default profile_train_step / profile_sampling)")
+  ap.add_argument("--sample", action="store_true", help="profile guided DDIM sampling instead of training")
+  ap.add_argument("--sample-batch", type=int, default=8, help="images per sampling run (model batch 2x)")
+  ap.add_argument("--guidance", type=float, default=2.0)
   a = ap.parse_args()
+  a.name = a.name or ("profile_sampling" if a.sample else "profile_train_step")
   for res in a.res:
     if not re.fullmatch(r"[1-9]\d*x[1-9]\d*x[1-9]\d*", res):
       ap.error(f"--res: expected HxWxC with positive integers (e.g. 28x28x1), got {res!r}")
@@ -214,11 +284,22 @@ def main() -> None:
     ap.error(f"--steps: expected a positive number of profiled steps, got {a.steps}")
   if a.batch < 1:
     ap.error(f"--batch: expected a positive batch size, got {a.batch}")
+  if a.sample_batch < 1:
+    ap.error(f"--sample-batch: expected a positive number of images, got {a.sample_batch}")
+  if a.sample and a.steps < 5:
+    a.steps = 10  # DDIM steps per profiled sampling run (the default 3 is for training steps)
   t_start, load0 = time.perf_counter(), os.getloadavg()[0]
   rows = {}
   for res in a.res:
-    p = setup(res, a.batch, 16)
-    rows[res] = {"jax": profile_jax(p, a.steps), "torch": profile_torch(p, a.steps)}
+    if a.sample:
+      p = setup(res, 8, a.sample_batch)
+      rows[res] = {
+        "jax": profile_jax_sampling(p, a.steps, a.guidance),
+        "torch": profile_torch_sampling(p, a.steps, a.guidance),
+      }
+    else:
+      p = setup(res, a.batch, 16)
+      rows[res] = {"jax": profile_jax(p, a.steps), "torch": profile_torch(p, a.steps)}
     print(res, json.dumps(rows[res]), flush=True)
   result = {
     "command": "python " + " ".join(sys.argv),
@@ -227,17 +308,25 @@ def main() -> None:
     "diffjax_cpu_conv": cpu_conv_library(),
     "diffjax_cpu_kernels": "native" if cpu_kernels.enabled() else "xla",
     "load_average_start_end": [load0, os.getloadavg()[0]],
-    "batch": a.batch,
+    "kind": "sampling" if a.sample else "training",
+    "batch": 2 * a.sample_batch if a.sample else a.batch,
+    "guidance": a.guidance if a.sample else None,
     "steps": a.steps,
     "rows": rows,
     "wall_s": round(time.perf_counter() - t_start, 1),
   }
+  what = (
+    f"DDIM sampling with classifier-free guidance (w = {a.guidance}), model batch {2 * a.sample_batch}, "
+    f"{a.steps} DDIM steps profiled per side after warm-up; ms per sampling step (one guided model evaluation)"
+    if a.sample
+    else f"batch {a.batch}, {a.steps} profiled steps per side after warm-up"
+  )
   lines = [
-    f"# {a.name}: U-Net training step by op class, diffjax vs PyTorch\n",
+    f"# {a.name}: U-Net {'guided DDIM sampling' if a.sample else 'training step'} by op class, diffjax vs PyTorch\n",
     f"`{result['command']}` on {result['machine']}; jax {jax.__version__}, torch {torch.__version__}; "
     f"diffjax CPU kernels: {result['diffjax_cpu_kernels']} (`DIFFJAX_CPU_KERNELS`), XLA convolutions: "
     f"{cpu_conv_library()} (`DIFFJAX_CPU_CONV`; {UNATTRIBUTED_NOTE}); "
-    f"batch {a.batch}, {a.steps} profiled steps per side after warm-up; load average "
+    f"{what}; load average "
     f"{load0:.1f} at start, {os.getloadavg()[0]:.1f} at end (PyTorch's threads slow down badly when other "
     "jobs hold the cores). ms per step of op wall time under the profilers (which add overhead: compare a "
     "column's sum with its step time without a profiler, below each table). PyTorch's `convolution_backward` "
