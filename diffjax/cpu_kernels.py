@@ -10,6 +10,7 @@ by op class). ``diffjax/csrc`` holds C++ custom calls for both:
 * ``group_norm.cc``: GroupNorm (+ SiLU) forward and backward, used by :mod:`diffjax.models.group_norm`;
 * ``attention.cc``: multi-head softmax attention forward and (recomputing) backward, used by
   :mod:`diffjax.models.attention_kernels`;
+* ``fast_exp.h``: an exp that GCC inlines and vectorises, for the softmax and SiLU loops;
 * ``workers.h``: the threads both split their batch over (not OpenMP, whose spinning workers would
   compete with XLA's threads and whose runtime PyTorch shares when loaded in the same process).
 
