@@ -16,8 +16,8 @@ It is a no-op (returning ``False``) on non-glibc platforms.
 ``mallopt`` reaches only glibc's main arena. XLA:CPU allocates a step's temporaries on its own
 execution threads, which glibc gives secondary arenas; those grow in heaps of at most 64 MiB and
 serve anything larger with a fresh ``mmap`` whatever ``M_MMAP_MAX`` says (``sysmalloc``'s fallback),
-so the 446 MB temporary buffer of a 28x28 training step is still mapped and faulted in anew each step
-(``strace`` shows one ``mmap`` of that size per step). Which arena a thread uses is fixed when glibc
+so the 426 MB temporary buffer of a 28x28 training step is still mapped and faulted in anew each step
+(``tests/test_host_memory.py`` checks it for a 256 MB allocation on a new thread). Which arena a thread uses is fixed when glibc
 starts, from ``GLIBC_TUNABLES``: :func:`reexec_with_tuned_malloc` restarts the Python process once with
 ``glibc.malloc.arena_max=1`` (every thread allocates from the main heap) plus the two settings above,
 so the entry points that run long CPU jobs (``python -m diffjax``, the benchmarks) call it first.
@@ -55,14 +55,18 @@ _DEFAULT_TRIM_THRESHOLD = 128 * 1024
 _MAX_INT = 2**31 - 1
 
 
-def _mallopt():
+def _libc():
+  """The process's C library on Linux, else ``None``."""
   if not sys.platform.startswith("linux"):
     return None
   try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
   except OSError:
     return None
-  fn = getattr(libc, "mallopt", None)  # glibc only (musl has none)
+
+
+def _mallopt():
+  fn = getattr(_libc(), "mallopt", None)  # glibc only (musl has none)
   if fn is not None:
     fn.argtypes, fn.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
   return fn
@@ -111,13 +115,7 @@ def restore_default_malloc() -> bool:
 
 
 def _is_glibc() -> bool:
-  if not sys.platform.startswith("linux"):
-    return False
-  try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-  except OSError:
-    return False
-  return hasattr(libc, "gnu_get_libc_version")
+  return hasattr(_libc(), "gnu_get_libc_version")
 
 
 def tuned_malloc_env(environ: dict[str, str]) -> dict[str, str] | None:

@@ -525,6 +525,8 @@ def main() -> None:
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args()
+  if args.train_warmup < 0:
+    ap.error(f"--train-warmup: expected a number of runs >= 0, got {args.train_warmup}")
   torch.set_num_threads(os.cpu_count())
   if args.child:
     fw, kind, res = args.child.split(":")

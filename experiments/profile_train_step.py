@@ -128,45 +128,6 @@ def jax_class(name: str, line: str, bodies: dict[str, str]) -> str:
   return "other"
 
 
-def profile_jax(p, steps: int) -> dict:
-  state, key = new_state(p), jax.random.key(2)
-  compiled = p["step"].lower(state, p["batch"], key).compile()
-  text = compiled.as_text()
-  lines, bodies = hlo_instructions(text), fused_bodies(text)
-  for _ in range(8):  # warm-up until the single malloc heap has settled (no page faults in the steps)
-    state, m = compiled(state, p["batch"], key)
-  jax.block_until_ready(m)
-  plain = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    state, m = compiled(state, p["batch"], key)
-    jax.block_until_ready(m)
-    plain.append(time.perf_counter() - t0)
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d, create_perfetto_trace=True):
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        state, m = compiled(state, p["batch"], key)
-      jax.block_until_ready(m)
-      traced_ms = (time.perf_counter() - t0) / steps * 1e3
-    (path,) = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
-    with gzip.open(path) as f:
-      trace = json.load(f)
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  total, count = collections.Counter(), collections.Counter()
-  for e in events:
-    if e.get("ph") == "X" and e.get("name") in lines:  # thunks of the step's top-level instructions
-      total[e["name"]] += e.get("dur", 0.0)
-      count[e["name"]] += 1
-  by_class = collections.Counter()
-  for name, us in total.items():
-    if count[name] > steps:  # runs inside a loop body: already inside its loop's time
-      continue
-    by_class[jax_class(name, lines[name], bodies)] += us / steps / 1e3
-  by_class["not attributed"] = max(0.0, traced_ms - sum(by_class.values()))
-  return {"ms": dict(by_class), "plain_step_ms": float(np.median(plain)) * 1e3}
-
-
 def _jax_events(trace) -> list:
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   return [e for e in events if e.get("ph") == "X"]
@@ -182,6 +143,42 @@ def _traced(fn, steps: int) -> tuple[list, float]:
     (path,) = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
     with gzip.open(path) as f:
       return _jax_events(json.load(f)), traced_ms
+
+
+def profile_jax(p, steps: int) -> dict:
+  state, key = new_state(p), jax.random.key(2)
+  compiled = p["step"].lower(state, p["batch"], key).compile()
+  text = compiled.as_text()
+  lines, bodies = hlo_instructions(text), fused_bodies(text)
+  for _ in range(8):  # warm-up until the single malloc heap has settled (no page faults in the steps)
+    state, m = compiled(state, p["batch"], key)
+  jax.block_until_ready(m)
+  plain = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, m = compiled(state, p["batch"], key)
+    jax.block_until_ready(m)
+    plain.append(time.perf_counter() - t0)
+  holder = {"state": state}
+
+  def run():
+    for _ in range(steps):
+      holder["state"], m = compiled(holder["state"], p["batch"], key)
+    jax.block_until_ready(m)
+
+  events, traced_ms = _traced(run, steps)
+  total, count = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("name") in lines:  # thunks of the step's top-level instructions
+      total[e["name"]] += e.get("dur", 0.0)
+      count[e["name"]] += 1
+  by_class = collections.Counter()
+  for name, us in total.items():
+    if count[name] > steps:  # runs inside a loop body: already inside its loop's time
+      continue
+    by_class[jax_class(name, lines[name], bodies)] += us / steps / 1e3
+  by_class["not attributed"] = max(0.0, traced_ms - sum(by_class.values()))
+  return {"ms": dict(by_class), "plain_step_ms": float(np.median(plain)) * 1e3}
 
 
 def profile_jax_sampling(p, steps: int, guidance: float) -> dict:
@@ -219,6 +216,11 @@ def profile_torch_sampling(p, steps: int, guidance: float) -> dict:
     t0 = time.perf_counter()
     sample(*p["t_sample_in"])
     traced_ms = (time.perf_counter() - t0) / steps * 1e3
+  return _torch_result(prof, steps, traced_ms, plain)
+
+
+def _torch_result(prof, steps: int, traced_ms: float, plain: list) -> dict:
+  """Self CPU ms per step by op class from a ``torch.profiler`` run of ``steps`` steps."""
   by_class = collections.Counter()
   for ev in prof.key_averages():
     by_class[torch_class(ev.key)] += ev.self_cpu_time_total / steps / 1e3
@@ -258,25 +260,24 @@ def profile_torch(p, steps: int) -> dict:
     for _ in range(steps):
       trainer.step(*p["t_batch"])
     traced_ms = (time.perf_counter() - t0) / steps * 1e3
-  by_class = collections.Counter()
-  for ev in prof.key_averages():
-    cls = torch_class(ev.key)
-    by_class[cls] += ev.self_cpu_time_total / steps / 1e3
-  by_class["not attributed"] = max(0.0, traced_ms - sum(by_class.values()))
-  return {"ms": dict(by_class), "plain_step_ms": float(np.median(plain)) * 1e3}
+  return _torch_result(prof, steps, traced_ms, plain)
 
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--res", nargs="+", default=["28x28x1", "32x32x3"])
   ap.add_argument("--batch", type=int, default=64)
-  ap.add_argument("--steps", type=int, default=3, help="profiled steps per framework")
+  ap.add_argument(
+    "--steps", type=int, default=None, help="profiled steps per framework (3; 10 DDIM steps with --sample)"
+  )
   ap.add_argument("--name", default=None, help="results name (default profile_train_step / profile_sampling)")
   ap.add_argument("--sample", action="store_true", help="profile guided DDIM sampling instead of training")
   ap.add_argument("--sample-batch", type=int, default=8, help="images per sampling run (model batch 2x)")
   ap.add_argument("--guidance", type=float, default=2.0)
   a = ap.parse_args()
   a.name = a.name or ("profile_sampling" if a.sample else "profile_train_step")
+  if a.steps is None:
+    a.steps = 10 if a.sample else 3
   for res in a.res:
     if not re.fullmatch(r"[1-9]\d*x[1-9]\d*x[1-9]\d*", res):
       ap.error(f"--res: expected HxWxC with positive integers (e.g. 28x28x1), got {res!r}")
@@ -286,8 +287,6 @@ def main() -> None:
     ap.error(f"--batch: expected a positive batch size, got {a.batch}")
   if a.sample_batch < 1:
     ap.error(f"--sample-batch: expected a positive number of images, got {a.sample_batch}")
-  if a.sample and a.steps < 5:
-    a.steps = 10  # DDIM steps per profiled sampling run (the default 3 is for training steps)
   t_start, load0 = time.perf_counter(), os.getloadavg()[0]
   rows = {}
   for res in a.res:

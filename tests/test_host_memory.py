@@ -1,55 +1,85 @@
-"""keep_freed_memory and the GLIBC_TUNABLES restart serve large allocations from the heap (glibc ``mallinfo2``)."""
+"""keep_freed_memory and the GLIBC_TUNABLES restart serve large allocations from the heap (glibc ``mallinfo2``).
+
+The allocation checks run in fresh processes: in the test process, memory freed by earlier tests may
+already sit in the heap and serve them.
+"""
 
 import ctypes
 import ctypes.util
+import os
+import subprocess
+import sys
 
 import pytest
 
 from diffjax.host_memory import keep_freed_memory
 
-
-class _MallInfo2(ctypes.Structure):
-  _fields_ = [
-    (name, ctypes.c_size_t)
-    for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
-  ] + [("keepcost", ctypes.c_size_t)]
-
-
-def _mmapped_bytes():
-  """Bytes glibc holds in mmapped chunks, or ``None`` without glibc >= 2.33."""
-  try:
-    fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
-  except (OSError, AttributeError):
-    return None
-  fn.restype = _MallInfo2
-  return lambda: fn().hblkhd
-
-
-_KEEP_THEN_ALLOCATE = """
-import ctypes, ctypes.util
-from diffjax.host_memory import keep_freed_memory, restore_default_malloc
+# Preamble of the child processes: libc with mallinfo2, whose hblkhd counts bytes in mmapped chunks.
+_MALLINFO = """
+import ctypes, ctypes.util, os, threading
 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
 class MI(ctypes.Structure):
   _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 libc.mallinfo2.restype = MI
+mmapped = lambda: libc.mallinfo2().hblkhd
+"""
+
+_KEEP_THEN_ALLOCATE = """
+from diffjax.host_memory import keep_freed_memory, restore_default_malloc
 size = 64 << 20  # above glibc's largest dynamic mmap threshold (32 MiB)
 assert restore_default_malloc()
-before = libc.mallinfo2().hblkhd
+before = mmapped()
 buf = ctypes.create_string_buffer(size)
-print(libc.mallinfo2().hblkhd - before)
+print(mmapped() - before)
 del buf
 assert keep_freed_memory()
-before = libc.mallinfo2().hblkhd
+before = mmapped()
 buf = ctypes.create_string_buffer(size)
-print(libc.mallinfo2().hblkhd - before)
+print(mmapped() - before)
 """
+
+_THREAD_ALLOC = """
+out = []
+def alloc():  # on a new thread, as XLA:CPU allocates a step's temporaries
+  p = libc.malloc(256 << 20)
+  out.append(mmapped())
+  libc.free(ctypes.c_void_p(p))
+t = threading.Thread(target=alloc)
+t.start()
+t.join()
+print(os.environ.get("GLIBC_TUNABLES"))
+print(out[0])
+"""
+
+_RESTART = "from diffjax.host_memory import reexec_with_tuned_malloc\nreexec_with_tuned_malloc()\n"
+
+
+def _skip_without_mallinfo2():
+  try:
+    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2  # noqa: B018
+  except (OSError, AttributeError):
+    pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+
+
+def _run(code, env):
+  r = subprocess.run(
+    [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False
+  )
+  assert r.returncode == 0, r.stderr
+  return r.stdout.strip().splitlines()
+
+
+def _clean_env(**extra):
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "DIFFJAX_MALLOC")}
+  return dict(env, **extra)
 
 
 def test_large_allocation_comes_from_the_heap_only_when_kept():
-  # In a fresh process: in this one, memory freed by earlier tests may already sit in the heap.
-  if _mmapped_bytes() is None:
-    pytest.skip("needs glibc >= 2.33 (mallinfo2)")
-  default, kept = (int(v) for v in _run(_KEEP_THEN_ALLOCATE, _clean_env(DIFFJAX_MALLOC="default")))
+  _skip_without_mallinfo2()
+  default, kept = (
+    int(v) for v in _run(_MALLINFO + _KEEP_THEN_ALLOCATE, _clean_env(DIFFJAX_MALLOC="default"))
+  )
   assert default >= 64 << 20  # default: a fresh mmap region
   assert kept < 64 << 20  # kept: served from the heap
 
@@ -74,52 +104,16 @@ def test_on_cpu_applies_exactly_on_the_cpu_backend(monkeypatch):
   assert host_memory.keep_freed_memory_on_cpu() and calls == [1]
 
 
-_THREAD_ALLOC = """
-import ctypes, threading
-libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-libc.malloc.restype = ctypes.c_void_p
-class MI(ctypes.Structure):
-  _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-libc.mallinfo2.restype = MI
-out = []
-def alloc():  # on a new thread, as XLA:CPU allocates a step's temporaries
-  p = libc.malloc(256 << 20)
-  out.append(libc.mallinfo2().hblkhd)
-  libc.free(ctypes.c_void_p(p))
-t = threading.Thread(target=alloc)
-t.start()
-t.join()
-"""
-
-
-def _run(code, env):
-  import subprocess
-  import sys
-
-  r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False)
-  assert r.returncode == 0, r.stderr
-  return r.stdout.strip().splitlines()
-
-
-def _clean_env(**extra):
-  import os
-
-  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "DIFFJAX_MALLOC")}
-  return dict(env, **extra)
-
-
 def test_reexec_sets_tunables_so_thread_allocations_stay_in_the_heap():
-  if _mmapped_bytes() is None:
-    pytest.skip("needs glibc >= 2.33 (mallinfo2)")
-  report = "import ctypes.util, os\n" + _THREAD_ALLOC + "print(os.environ.get('GLIBC_TUNABLES'))\nprint(out[0])\n"
-  tunables, mmapped = _run(report, _clean_env())
+  _skip_without_mallinfo2()
+  tunables, mmapped = _run(_MALLINFO + _THREAD_ALLOC, _clean_env())
   assert tunables == "None" and int(mmapped) >= 256 << 20  # default: a secondary arena mmaps it
-  restart = "import sys\nfrom diffjax.host_memory import reexec_with_tuned_malloc\nreexec_with_tuned_malloc()\n"
-  tunables, mmapped = _run(restart + report, _clean_env(GLIBC_TUNABLES="glibc.malloc.tcache_count=7"))
+  restarted = _RESTART + _MALLINFO + _THREAD_ALLOC
+  tunables, mmapped = _run(restarted, _clean_env(GLIBC_TUNABLES="glibc.malloc.tcache_count=7"))
   assert tunables.split(":")[0] == "glibc.malloc.tcache_count=7"  # the user's settings are kept
   assert "glibc.malloc.arena_max=1" in tunables and "glibc.malloc.mmap_max=0" in tunables
   assert int(mmapped) == 0
-  tunables, mmapped = _run(restart + report, _clean_env(DIFFJAX_MALLOC="default"))
+  tunables, mmapped = _run(restarted, _clean_env(DIFFJAX_MALLOC="default"))
   assert tunables == "None" and int(mmapped) >= 256 << 20
 
 
