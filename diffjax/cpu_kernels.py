@@ -6,7 +6,8 @@ by op class). ``diffjax/csrc`` holds C++ custom calls for both:
 
 * ``onednn_conv.cc``: forward, input-gradient and weight-gradient convolution through oneDNN, Intel's
   deep-learning primitives (https://github.com/oneapi-src/oneDNN, which PyTorch's CPU convolutions use),
-  used by :mod:`diffjax.onednn_conv`;
+  used by :mod:`diffjax.onednn_conv` and, as 1x1 convolutions, by the token dense layers' gradients
+  (:mod:`diffjax.onednn_dense`);
 * ``group_norm.cc``: GroupNorm (+ SiLU) forward and backward, used by :mod:`diffjax.models.group_norm`;
 * ``attention.cc``: multi-head softmax attention forward and (recomputing) backward, used by
   :mod:`diffjax.models.attention_kernels`;

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.models.attention_kernels import blocked_attention
+from diffjax.models.conv import dense
 from diffjax.models.resnet import group_norm
 
 __all__ = ["ATTENTION_IMPLS", "AttentionBlock", "dot_product_attention", "resolve_attention_fn"]
@@ -127,15 +128,15 @@ class AttentionBlock(nn.Module):
 
     n = group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "group_norm", impl=self.norm_impl)(x)
     n = n.reshape(b, h * w, c)
-    q = nn.Dense(c, dtype=self.dtype, name="to_q")(n)
-    k = nn.Dense(c, dtype=self.dtype, name="to_k")(n)
-    v = nn.Dense(c, dtype=self.dtype, name="to_v")(n)
+    q = dense(c, dtype=self.dtype, name="to_q")(n)
+    k = dense(c, dtype=self.dtype, name="to_k")(n)
+    v = dense(c, dtype=self.dtype, name="to_v")(n)
 
     def split(t: jnp.ndarray) -> jnp.ndarray:
       return t.reshape(b, h * w, heads, self.attention_head_dim)
 
     out = self.attend(split(q), split(k), split(v)).reshape(b, h * w, c)
-    out = nn.Dense(c, dtype=self.dtype, name="to_out_0")(out)
+    out = dense(c, dtype=self.dtype, name="to_out_0")(out)
     return x + out.reshape(b, h, w, c).astype(x.dtype)
 
   def attend(self, q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:

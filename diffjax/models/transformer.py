@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.models.attention_control import ATTENTION_MAPS, AttentionControl, AttentionInfo, apply_control
-from diffjax.models.conv import conv
+from diffjax.models.conv import conv, dense
 
 __all__ = [
   "GEGLU",
@@ -181,7 +181,7 @@ class Attention(nn.Module):
     source = x if context is None else context.astype(self.dtype)
 
     def proj(name: str, tokens: jnp.ndarray) -> jnp.ndarray:
-      out = nn.Dense(inner, use_bias=False, dtype=self.dtype, name=name)(tokens)
+      out = dense(inner, use_bias=False, dtype=self.dtype, name=name)(tokens)
       return out.reshape(b, tokens.shape[1], self.heads, self.dim_head)
 
     q, k, v = proj("to_q", x), proj("to_k", source), proj("to_v", source)
@@ -193,7 +193,7 @@ class Attention(nn.Module):
       info = AttentionInfo("/".join(self.scope.path), context is not None, spatial_shape)
       probs = apply_control(attention_control, probs, info)
     out = attend(probs, v, q.dtype)
-    out = nn.Dense(c, dtype=self.dtype, name="to_out_0")(out.reshape(b, length, inner))
+    out = dense(c, dtype=self.dtype, name="to_out_0")(out.reshape(b, length, inner))
     return nn.Dropout(self.dropout, deterministic=not train)(out)
 
 
@@ -211,7 +211,7 @@ class GEGLU(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """Maps ``[..., C]`` to ``[..., dim_out]``."""
-    h, gate = jnp.split(nn.Dense(2 * self.dim_out, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+    h, gate = jnp.split(dense(2 * self.dim_out, dtype=self.dtype, name="proj")(x), 2, axis=-1)
     return h * jax.nn.gelu(gate, approximate=False)
 
 
@@ -233,7 +233,7 @@ class FeedForward(nn.Module):
     """Maps ``[..., C]`` to ``[..., C]``."""
     h = GEGLU(self.mult * x.shape[-1], dtype=self.dtype, name="net_0")(x)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    return nn.Dense(x.shape[-1], dtype=self.dtype, name="net_2")(h)
+    return dense(x.shape[-1], dtype=self.dtype, name="net_2")(h)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -349,7 +349,7 @@ class Transformer2DModel(nn.Module):
       name="norm",
     )(x)
     if self.use_linear_projection:
-      tokens = nn.Dense(inner, dtype=self.dtype, name="proj_in")(n.reshape(b, h * w, c))
+      tokens = dense(inner, dtype=self.dtype, name="proj_in")(n.reshape(b, h * w, c))
     else:
       tokens = conv(inner, (1, 1), dtype=self.dtype, name="proj_in")(n).reshape(b, h * w, inner)
     if self.position_embedding:
@@ -363,7 +363,7 @@ class Transformer2DModel(nn.Module):
         name=f"transformer_blocks_{i}",
       )(tokens, context, mask, train=train, attention_control=attention_control, spatial_shape=(h, w))
     if self.use_linear_projection:
-      out = nn.Dense(c, dtype=self.dtype, name="proj_out")(tokens).reshape(b, h, w, c)
+      out = dense(c, dtype=self.dtype, name="proj_out")(tokens).reshape(b, h, w, c)
     else:
       out = conv(c, (1, 1), dtype=self.dtype, name="proj_out")(tokens.reshape(b, h, w, inner))
     return out + x

@@ -1,0 +1,89 @@
+"""Token dense layers as oneDNN 1x1 convolutions (diffjax.onednn_dense): equal to XLA's dot, forward and
+gradients; the row thresholds pick the path; everything not covered is ``lax.dot_general``."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffjax import cpu_kernels, onednn_dense
+from diffjax.models.conv import dense
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason=f"{cpu_kernels.unavailable_reason()}")
+
+DIMS = (((2,), (0,)), ((), ()))
+
+
+def _value_and_grads(fn, x, w, dy):
+  y, pull = jax.vjp(fn, x, w)
+  return (y, *pull(dy))
+
+
+def _targets(fn, x, w) -> set[str]:
+  hlo = jax.jit(jax.grad(lambda a, b: jnp.sum(fn(a, b) ** 2), argnums=(0, 1))).lower(x, w).compile().as_text()
+  return {t for t in ("ConvFwd", "ConvBwdData", "ConvBwdWeights") if f"DiffjaxOnednn{t}" in hlo}
+
+
+@pytest.mark.parametrize(
+  "shape, out, backward_rows, want",
+  [
+    ((3, 50, 24), 40, 1, {"ConvBwdData", "ConvBwdWeights"}),  # odd batch split over threads
+    ((4, 36, 16), 16, 144, {"ConvBwdData", "ConvBwdWeights"}),  # at the threshold
+    ((2, 9, 8), 12, 19, set()),  # below: XLA's dots
+  ],
+)
+def test_forward_and_gradients_match_xla(monkeypatch, shape, out, backward_rows, want):
+  monkeypatch.setattr(onednn_dense, "BACKWARD_MIN_ROWS", backward_rows)
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], shape)
+  w = jax.random.normal(keys[1], (shape[-1], out)) / np.sqrt(shape[-1])
+  dy = jax.random.normal(keys[2], (*shape[:-1], out))
+  ours = lambda a, b: onednn_dense.dot_general(a, b, DIMS)
+  ref = lambda a, b: jax.lax.dot_general(a, b, DIMS, precision="highest")
+  got = jax.jit(lambda *a: _value_and_grads(ours, *a))(x, w, dy)
+  ref_values = jax.jit(lambda *a: _value_and_grads(ref, *a))(x, w, dy)
+  for name, g, r in zip(("y", "dx", "dw"), got, ref_values):
+    assert g.shape == r.shape, name
+    scale = max(1.0, float(jnp.max(jnp.abs(r))))
+    np.testing.assert_allclose(np.asarray(g) / scale, np.asarray(r) / scale, atol=1e-5, rtol=0, err_msg=name)
+  assert _targets(ours, x, w) == want
+
+
+def test_dense_layer_keeps_nn_dense_params_values_and_gradients():
+  x = jax.random.normal(jax.random.key(0), (2, 512, 8))  # 1024 rows: oneDNN backward by default
+  layer, plain = dense(6, name="proj"), nn.Dense(6)
+  params = plain.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, layer.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, params)
+  np.testing.assert_allclose(layer.apply(params, x), plain.apply(params, x), atol=1e-5, rtol=0)
+  grads = [jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, x))))(params) for m in (layer, plain)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5), *grads)
+  assert _targets(lambda a, b: onednn_dense.dot_general(a, b, DIMS), x, params["params"]["kernel"]) == {
+    "ConvBwdData",
+    "ConvBwdWeights",
+  }
+
+
+@pytest.mark.parametrize(
+  "lhs, rhs, dims, kwargs",
+  [
+    ((8192, 8), (8, 4), (((1,), (0,)), ((), ())), {}),  # rank 2 (time embeddings): XLA
+    ((2, 4096, 8), (4, 8), (((2,), (1,)), ((), ())), {}),  # another contraction
+    ((2, 4096, 8), (8, 4), DIMS, {"precision": jax.lax.Precision.HIGHEST}),
+    ((2, 4096, 8), (8, 4), DIMS, {"preferred_element_type": jnp.bfloat16}),
+  ],
+)
+def test_uncovered_calls_are_plain_dot_general(lhs, rhs, dims, kwargs):
+  a = jnp.ones(lhs)
+  b = jnp.ones(rhs)
+  fn = lambda a, b: onednn_dense.dot_general(a, b, dims, **kwargs)
+  np.testing.assert_array_equal(fn(a, b), jax.lax.dot_general(a, b, dims, **kwargs))
+  assert "DiffjaxOnednn" not in jax.jit(fn).lower(a, b).compile().as_text()
+
+
+def test_bfloat16_inputs_are_plain_dot_general():
+  x = jnp.ones((2, 4096, 8), jnp.bfloat16)
+  w = jnp.ones((8, 4), jnp.bfloat16)
+  assert (
+    "DiffjaxOnednn" not in jax.jit(lambda a, b: onednn_dense.dot_general(a, b, DIMS)).lower(x, w).as_text()
+  )
