@@ -47,12 +47,13 @@ __all__ = ["ENV_VAR", "available", "enabled", "library_path", "setting", "thread
 ENV_VAR = "DIFFJAX_CPU_KERNELS"
 CHOICES = ("native", "xla")
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-SOURCES = ("onednn_conv.cc", "group_norm.cc", "attention.cc")
+SOURCES = ("onednn_conv.cc", "winograd_conv.cc", "group_norm.cc", "attention.cc")
 HEADERS = ("workers.h", "fast_exp.h")
 TARGETS = (
   "DiffjaxOnednnConvFwd",
   "DiffjaxOnednnConvBwdData",
   "DiffjaxOnednnConvBwdWeights",
+  "DiffjaxWinogradConv3x3",
   "DiffjaxGroupNormFwd",
   "DiffjaxGroupNormBwd",
   "DiffjaxAttentionFwd",

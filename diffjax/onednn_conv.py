@@ -6,13 +6,16 @@ oneDNN path of :mod:`diffjax.cpu_kernels` (``csrc/onednn_conv.cc``) for float32 
 without dilation or groups when those kernels are enabled, and XLA's convolution for everything else.
 The path is chosen per platform inside the computation (``jax.lax.platform_dependent``): on GPU and
 TPU the same function lowers to XLA's convolution. The VJP calls oneDNN's backward-data and
-backward-weights primitives on CPU (XLA's transposed convolutions elsewhere). Forward and gradients
+backward-weights primitives on CPU (XLA's transposed convolutions elsewhere). The U-Net's 3x3
+stride-1 "SAME" convolutions (forward and input gradient) run Winograd's F(2x2, 3x3) instead
+(:func:`winograd_applies`; 2.25x fewer multiply-adds than the direct method). Forward and gradients
 equal XLA's to 1e-5 (``tests/test_onednn_conv.py``).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +24,17 @@ from jax import lax
 
 from diffjax import cpu_kernels
 
-__all__ = ["conv2d_nhwc", "conv_general_dilated"]
+__all__ = ["WINOGRAD_ENV", "conv2d_nhwc", "conv_general_dilated", "winograd_applies"]
+
+WINOGRAD_ENV = "DIFFJAX_CPU_WINOGRAD"
 
 TARGETS = {
   "fwd": "DiffjaxOnednnConvFwd",
   "bwd_data": "DiffjaxOnednnConvBwdData",
   "bwd_weights": "DiffjaxOnednnConvBwdWeights",
 }
+WINOGRAD_TARGET = "DiffjaxWinogradConv3x3"
+_SAME_3X3 = ((1, 1), (1, 1))
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -68,11 +75,39 @@ def _check(x, w, strides, padding) -> None:
     )
 
 
+def winograd_applies(w_shape, strides, padding) -> bool:
+  """Whether the CPU path computes this convolution by Winograd's F(2x2, 3x3) (``csrc/winograd_conv.cc``).
+
+  3x3 kernels with stride 1 and padding 1 (the U-Net's "SAME" convolutions) whose output channels are a
+  multiple of 16 (the vector width its matrix products are written for), unless
+  ``DIFFJAX_CPU_WINOGRAD=0``; everything else runs oneDNN's direct convolution.
+  """
+  flag = os.environ.get(WINOGRAD_ENV, "1")
+  if flag not in ("0", "1"):
+    raise ValueError(f"{WINOGRAD_ENV} must be 0 or 1, got {flag!r}")
+  return (
+    flag == "1"
+    and tuple(w_shape[:2]) == (3, 3)
+    and tuple(strides) == (1, 1)
+    and tuple(map(tuple, padding)) == _SAME_3X3
+    and w_shape[3] % 16 == 0
+  )
+
+
+def _winograd(x, w):
+  out = jax.ShapeDtypeStruct((*x.shape[:3], w.shape[3]), jnp.float32)
+  return jax.ffi.ffi_call(WINOGRAD_TARGET, out, vmap_method="sequential")(
+    x, w, threads=np.int64(cpu_kernels.threads())
+  )
+
+
 def _forward(x, w, strides, padding):
   _check(x, w, strides, padding)
   n, h, wd, _ = x.shape
   oh, ow = _out_hw((h, wd), w.shape[:2], strides, padding)
   onednn = functools.partial(_call, "fwd", (n, oh, ow, w.shape[3]), strides=strides, padding=padding)
+  if winograd_applies(w.shape, strides, padding):
+    onednn = _winograd
   xla = functools.partial(_xla_conv, strides=strides, padding=padding)
   return lax.platform_dependent(x, w, cpu=onednn, default=xla)
 
@@ -104,6 +139,9 @@ def _vjp_bwd(strides, padding, res, dy):
     return jax.vjp(lambda k: _xla_conv(x, k, strides, padding), w)[1](dy)[0]
 
   onednn_dx = functools.partial(_call, "bwd_data", x.shape, strides=strides, padding=padding)
+  flipped = (*w.shape[:2], w.shape[3], w.shape[2])
+  if winograd_applies(flipped, strides, padding):  # dx = dy * w rotated 180 degrees, in/out swapped
+    onednn_dx = lambda dy, w: _winograd(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))  # noqa: E731
   onednn_dw = functools.partial(_call, "bwd_weights", w.shape, strides=strides, padding=padding)
   dx = lax.platform_dependent(dy, w, cpu=onednn_dx, default=xla_dx)
   dw = lax.platform_dependent(x, dy, cpu=onednn_dw, default=xla_dw)

@@ -8,7 +8,7 @@ import pytest
 
 from diffjax import cpu_kernels
 from diffjax.models.conv import conv
-from diffjax.onednn_conv import conv_general_dilated
+from diffjax.onednn_conv import WINOGRAD_ENV, conv_general_dilated, winograd_applies
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason=f"{cpu_kernels.unavailable_reason()}")
 
@@ -33,6 +33,7 @@ def _value_and_grads(fn, x, w, dy):
     (5, (7, 6), 12, 24, 1, (1, 1), "VALID"),  # 1x1 shortcut, odd batch split over threads
     (1, (6, 10), 3, 5, 3, (1, 2), ((2, 0), (1, 3))),  # asymmetric strides and padding
     (2, (7, 7), 1, 4, 3, (1, 1), "SAME"),
+    (2, (7, 7), 16, 32, 3, (1, 1), "SAME"),  # Winograd forward and input gradient
   ],
 )
 def test_forward_and_gradients_match_xla(batch, hw, cin, cout, k, strides, padding):
@@ -54,8 +55,12 @@ def test_forward_and_gradients_match_xla(batch, hw, cin, cout, k, strides, paddi
     .compile()
     .as_text()
   )
-  for target in ("DiffjaxOnednnConvFwd", "DiffjaxOnednnConvBwdData", "DiffjaxOnednnConvBwdWeights"):
-    assert target in hlo  # the oneDNN path was taken, not XLA's
+  pads = jax.lax.padtype_to_pads(hw, (k, k), strides, padding) if isinstance(padding, str) else padding
+  winograd = winograd_applies(w.shape, strides, pads), winograd_applies((k, k, cout, cin), strides, pads)
+  fwd = "DiffjaxWinogradConv3x3" if winograd[0] else "DiffjaxOnednnConvFwd"
+  assert fwd in hlo  # the native path was taken, not XLA's
+  assert ("DiffjaxOnednnConvBwdData" in hlo) != winograd[1]
+  assert "DiffjaxOnednnConvBwdWeights" in hlo
 
 
 @pytest.mark.parametrize(
@@ -78,14 +83,14 @@ def test_uncovered_cases_use_xla_and_match_it(case):
   ours = jax.jit(lambda a, b: conv_general_dilated(a, b, (1, 1), "SAME", **kwargs))
   plain = jax.jit(lambda a, b: jax.lax.conv_general_dilated(a, b, (1, 1), "SAME", **kwargs))
   np.testing.assert_array_equal(np.asarray(ours(x, w)), np.asarray(plain(x, w)))
-  assert "DiffjaxOnednn" not in ours.lower(x, w).compile().as_text()
+  assert "Diffjax" not in ours.lower(x, w).compile().as_text()
 
 
 def test_setting_xla_keeps_xla_convolutions(monkeypatch):
   x, w = jnp.ones((2, 5, 5, 3)), jnp.ones((3, 3, 3, 4))
   monkeypatch.setenv("DIFFJAX_CPU_KERNELS", "xla")
   f = jax.jit(lambda a, b: conv_general_dilated(a, b, (1, 1), "SAME", dimension_numbers=DN))
-  assert "DiffjaxOnednn" not in f.lower(x, w).compile().as_text()
+  assert "Diffjax" not in f.lower(x, w).compile().as_text()
 
 
 def test_conv_layer_is_flax_conv_with_the_same_parameters_and_values():
@@ -105,7 +110,7 @@ def test_vmap_and_non_cpu_lowering_use_xla_elsewhere():
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
   # Lowered for TPU (possible without one), the same function has no oneDNN call in it.
   text = jax.jit(f).trace(x[0]).lower(lowering_platforms=("tpu",)).as_text()
-  assert "DiffjaxOnednn" not in text and "convolution" in text
+  assert "Diffjax" not in text and "convolution" in text
 
 
 @pytest.mark.parametrize(
@@ -123,3 +128,48 @@ def test_bad_arguments_are_named(x_shape, w_shape, strides, padding, match):
 
   with pytest.raises(ValueError, match=match):
     conv2d_nhwc(jnp.ones(x_shape), jnp.ones(w_shape), strides, padding)
+
+
+@pytest.mark.parametrize(
+  "batch, hw, cin, cout",
+  [
+    (1, (2, 2), 1, 16),  # one tile, all of it padding but the 2x2 centre
+    (3, (9, 7), 17, 48),  # odd sizes: partial edge tiles; channels not a multiple of the vector width
+    (2, (14, 14), 64, 64),  # the U-Net's attention level
+    (5, (8, 8), 32, 32),  # tiles spanning more than one 48-tile block and image
+  ],
+)
+def test_winograd_forward_and_input_gradient_match_xla(batch, hw, cin, cout):
+  keys = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(keys[0], (batch, *hw, cin))
+  w = jax.random.normal(keys[1], (3, 3, cin, cout)) / np.sqrt(9 * cin)
+  pads = ((1, 1), (1, 1))
+  assert winograd_applies(w.shape, (1, 1), pads)
+  ours = lambda a, b: conv_general_dilated(a, b, (1, 1), pads, dimension_numbers=DN)
+  dy = jax.random.normal(keys[2], (batch, *hw, cout))
+  got = jax.jit(lambda *a: _value_and_grads(ours, *a))(x, w, dy)
+  want = jax.jit(lambda *a: _value_and_grads(lambda a, b: _reference(a, b, (1, 1), pads), *a))(x, w, dy)
+  for name, g, r in zip(("y", "dx", "dw"), got, want):
+    scale = max(1.0, float(jnp.max(jnp.abs(r))))
+    np.testing.assert_allclose(np.asarray(g) / scale, np.asarray(r) / scale, atol=1e-5, rtol=0, err_msg=name)
+  loss = lambda a, b: jnp.sum(ours(a, b) * dy)
+  hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+  assert "DiffjaxWinogradConv3x3" in hlo and "DiffjaxOnednnConvFwd" not in hlo
+  assert ("DiffjaxOnednnConvBwdData" in hlo) == (cin % 16 != 0)  # dx has cin output channels
+
+
+def test_winograd_switch(monkeypatch):
+  pads = ((1, 1), (1, 1))
+  assert not winograd_applies((3, 3, 8, 16), (2, 2), pads)
+  assert not winograd_applies((3, 3, 8, 16), (1, 1), ((0, 0), (0, 0)))
+  assert not winograd_applies((1, 1, 8, 16), (1, 1), ((0, 0), (0, 0)))
+  assert not winograd_applies((3, 3, 8, 12), (1, 1), pads)
+  monkeypatch.setenv(WINOGRAD_ENV, "0")
+  assert not winograd_applies((3, 3, 8, 16), (1, 1), pads)
+  x, w = jnp.ones((2, 6, 6, 8)), jnp.ones((3, 3, 8, 16))
+  f = jax.jit(lambda a, b: conv_general_dilated(a, b, (1, 1), pads, dimension_numbers=DN))
+  hlo = f.lower(x, w).compile().as_text()
+  assert "DiffjaxOnednnConvFwd" in hlo and "DiffjaxWinograd" not in hlo
+  monkeypatch.setenv(WINOGRAD_ENV, "yes")
+  with pytest.raises(ValueError, match=WINOGRAD_ENV):
+    winograd_applies((3, 3, 8, 16), (1, 1), pads)
