@@ -8,6 +8,8 @@ by op class). ``diffjax/csrc`` holds C++ custom calls for both:
   deep-learning primitives (https://github.com/oneapi-src/oneDNN, which PyTorch's CPU convolutions use),
   used by :mod:`diffjax.onednn_conv` and, as 1x1 convolutions, by the token dense layers' gradients
   (:mod:`diffjax.onednn_dense`);
+* ``winograd_conv.cc``: the 3x3 stride-1 "SAME" convolutions (forward and input gradient) by Winograd's
+  F(2x2, 3x3), used by :mod:`diffjax.onednn_conv`;
 * ``group_norm.cc``: GroupNorm (+ SiLU) forward and backward, used by :mod:`diffjax.models.group_norm`;
 * ``attention.cc``: multi-head softmax attention forward and (recomputing) backward, used by
   :mod:`diffjax.models.attention_kernels`;

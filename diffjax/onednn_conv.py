@@ -141,7 +141,7 @@ def _vjp_bwd(strides, padding, res, dy):
   onednn_dx = functools.partial(_call, "bwd_data", x.shape, strides=strides, padding=padding)
   flipped = (*w.shape[:2], w.shape[3], w.shape[2])
   if winograd_applies(flipped, strides, padding):  # dx = dy * w rotated 180 degrees, in/out swapped
-    onednn_dx = lambda dy, w: _winograd(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))  # noqa: E731
+    onednn_dx = lambda dy, w: _winograd(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
   onednn_dw = functools.partial(_call, "bwd_weights", w.shape, strides=strides, padding=padding)
   dx = lax.platform_dependent(dy, w, cpu=onednn_dx, default=xla_dx)
   dw = lax.platform_dependent(x, dy, cpu=onednn_dw, default=xla_dw)
