@@ -7,8 +7,9 @@ without dilation or groups when those kernels are enabled, and XLA's convolution
 The path is chosen per platform inside the computation (``jax.lax.platform_dependent``): on GPU and
 TPU the same function lowers to XLA's convolution. The VJP calls oneDNN's backward-data and
 backward-weights primitives on CPU (XLA's transposed convolutions elsewhere). The U-Net's 3x3
-stride-1 "SAME" convolutions (forward and input gradient) run Winograd's F(2x2, 3x3) instead
-(:func:`winograd_applies`; 2.25x fewer multiply-adds than the direct method). Forward and gradients
+stride-1 "SAME" convolutions (forward and input gradient) run Winograd's F(4x4, 3x3) or F(2x2, 3x3)
+instead (:func:`winograd_tile`; 4x or 2.25x fewer multiply-adds than the
+direct method). Forward and gradients
 equal XLA's to 1e-5 (``tests/test_onednn_conv.py``).
 """
 
@@ -24,7 +25,7 @@ from jax import lax
 
 from diffjax import cpu_kernels
 
-__all__ = ["WINOGRAD_ENV", "conv2d_nhwc", "conv_general_dilated", "winograd_applies"]
+__all__ = ["WINOGRAD_ENV", "conv2d_nhwc", "conv_general_dilated", "winograd_tile"]
 
 WINOGRAD_ENV = "DIFFJAX_CPU_WINOGRAD"
 
@@ -75,29 +76,40 @@ def _check(x, w, strides, padding) -> None:
     )
 
 
-def winograd_applies(w_shape, strides, padding) -> bool:
-  """Whether the CPU path computes this convolution by Winograd's F(2x2, 3x3) (``csrc/winograd_conv.cc``).
+def winograd_tile(x_shape, w_shape, strides, padding) -> int:
+  """The output tile m of the Winograd F(m x m, 3x3) the CPU path uses for this convolution; 0: none.
 
-  3x3 kernels with stride 1 and padding 1 (the U-Net's "SAME" convolutions) whose output channels are a
-  multiple of 16 (the vector width its matrix products are written for), unless
-  ``DIFFJAX_CPU_WINOGRAD=0``; everything else runs oneDNN's direct convolution.
+  Winograd (``csrc/winograd_conv.cc``) takes 3x3 kernels with stride 1 and padding 1 (the U-Net's
+  "SAME" convolutions) whose output channels are a multiple of 16 (the vector width of its matrix
+  products) on maps of at least 64 positions, unless ``DIFFJAX_CPU_WINOGRAD=0``; everything else runs
+  oneDNN's direct convolution. F(4x4) takes 4x fewer multiply-adds than the direct method, F(2x2) 2.25x,
+  but F(4x4) rounds more, the more so the more input channels (``experiments/bench_winograd.py``: about
+  6e-6 of the output's scale at 32 channels, 9e-6 at 96, against F(2x2)'s 7e-7), and its heavier
+  transforms do not pay on small maps. That benchmark's timings set the rule: F(4x4) on maps of at least
+  12x12 with at most 96 input channels (in its committed run 1.4-1.7x the direct kernel's speed at batch
+  64, 1.1-1.5x at batch 16; F(2x2) 1.2-1.5x), F(2x2) on other maps of 8x8 or more, the direct kernel
+  below (4x4 maps: both Winograds were slower).
   """
   flag = os.environ.get(WINOGRAD_ENV, "1")
   if flag not in ("0", "1"):
     raise ValueError(f"{WINOGRAD_ENV} must be 0 or 1, got {flag!r}")
-  return (
-    flag == "1"
-    and tuple(w_shape[:2]) == (3, 3)
-    and tuple(strides) == (1, 1)
-    and tuple(map(tuple, padding)) == _SAME_3X3
-    and w_shape[3] % 16 == 0
-  )
+  _, h, w, c = x_shape
+  if (
+    flag == "0"
+    or tuple(w_shape[:2]) != (3, 3)
+    or tuple(strides) != (1, 1)
+    or tuple(map(tuple, padding)) != _SAME_3X3
+    or w_shape[3] % 16 != 0
+    or h * w < 64
+  ):
+    return 0
+  return 4 if min(h, w) >= 12 and c <= 96 else 2
 
 
-def _winograd(x, w):
+def _winograd(x, w, tile: int):
   out = jax.ShapeDtypeStruct((*x.shape[:3], w.shape[3]), jnp.float32)
   return jax.ffi.ffi_call(WINOGRAD_TARGET, out, vmap_method="sequential")(
-    x, w, threads=np.int64(cpu_kernels.threads())
+    x, w, tile=np.int64(tile), threads=np.int64(cpu_kernels.threads())
   )
 
 
@@ -106,8 +118,9 @@ def _forward(x, w, strides, padding):
   n, h, wd, _ = x.shape
   oh, ow = _out_hw((h, wd), w.shape[:2], strides, padding)
   onednn = functools.partial(_call, "fwd", (n, oh, ow, w.shape[3]), strides=strides, padding=padding)
-  if winograd_applies(w.shape, strides, padding):
-    onednn = _winograd
+  tile = winograd_tile(x.shape, w.shape, strides, padding)
+  if tile:
+    onednn = functools.partial(_winograd, tile=tile)
   xla = functools.partial(_xla_conv, strides=strides, padding=padding)
   return lax.platform_dependent(x, w, cpu=onednn, default=xla)
 
@@ -139,9 +152,9 @@ def _vjp_bwd(strides, padding, res, dy):
     return jax.vjp(lambda k: _xla_conv(x, k, strides, padding), w)[1](dy)[0]
 
   onednn_dx = functools.partial(_call, "bwd_data", x.shape, strides=strides, padding=padding)
-  flipped = (*w.shape[:2], w.shape[3], w.shape[2])
-  if winograd_applies(flipped, strides, padding):  # dx = dy * w rotated 180 degrees, in/out swapped
-    onednn_dx = lambda dy, w: _winograd(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
+  tile = winograd_tile(dy.shape, (*w.shape[:2], w.shape[3], w.shape[2]), strides, padding)
+  if tile:  # dx = dy * w rotated 180 degrees, in/out channels swapped
+    onednn_dx = lambda dy, w: _winograd(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), tile)
   onednn_dw = functools.partial(_call, "bwd_weights", w.shape, strides=strides, padding=padding)
   dx = lax.platform_dependent(dy, w, cpu=onednn_dx, default=xla_dx)
   dw = lax.platform_dependent(x, dy, cpu=onednn_dw, default=xla_dw)

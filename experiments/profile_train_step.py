@@ -109,6 +109,8 @@ def jax_class(name: str, line: str, bodies: dict[str, str]) -> str:
   native = re.search(r'custom_call_target="Diffjax(\w+)"', line)  # diffjax.cpu_kernels
   if native:
     kernel = native.group(1)
+    if kernel.startswith("WinogradConv"):  # forward, or the input gradient (a convolution of dy)
+      return "conv input grad" if "transpose(" in op else "conv forward"
     if kernel.startswith("OnednnConv"):
       return {"OnednnConvFwd": "conv forward", "OnednnConvBwdData": "conv input grad"}.get(
         kernel, "conv weight grad"

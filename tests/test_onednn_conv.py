@@ -8,7 +8,7 @@ import pytest
 
 from diffjax import cpu_kernels
 from diffjax.models.conv import conv
-from diffjax.onednn_conv import WINOGRAD_ENV, conv_general_dilated, winograd_applies
+from diffjax.onednn_conv import WINOGRAD_ENV, conv_general_dilated, winograd_tile
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason=f"{cpu_kernels.unavailable_reason()}")
 
@@ -56,10 +56,14 @@ def test_forward_and_gradients_match_xla(batch, hw, cin, cout, k, strides, paddi
     .as_text()
   )
   pads = jax.lax.padtype_to_pads(hw, (k, k), strides, padding) if isinstance(padding, str) else padding
-  winograd = winograd_applies(w.shape, strides, pads), winograd_applies((k, k, cout, cin), strides, pads)
+  y_shape = (batch, *y.shape[1:3], cout)
+  winograd = (
+    winograd_tile(x.shape, w.shape, strides, pads),
+    winograd_tile(y_shape, (k, k, cout, cin), strides, pads),
+  )
   fwd = "DiffjaxWinogradConv3x3" if winograd[0] else "DiffjaxOnednnConvFwd"
   assert fwd in hlo  # the native path was taken, not XLA's
-  assert ("DiffjaxOnednnConvBwdData" in hlo) != winograd[1]
+  assert ("DiffjaxOnednnConvBwdData" in hlo) != bool(winograd[1])
   assert "DiffjaxOnednnConvBwdWeights" in hlo
 
 
@@ -133,10 +137,13 @@ def test_bad_arguments_are_named(x_shape, w_shape, strides, padding, match):
 @pytest.mark.parametrize(
   "batch, hw, cin, cout",
   [
-    (1, (2, 2), 1, 16),  # one tile, all of it padding but the 2x2 centre
-    (3, (9, 7), 17, 48),  # odd sizes: partial edge tiles; channels not a multiple of the vector width
+    (1, (2, 32), 1, 16),  # one tile row, mostly padding
+    (3, (9, 11), 17, 48),  # odd sizes: partial edge tiles; channels not a multiple of the vector width
     (2, (14, 14), 64, 64),  # the U-Net's attention level
     (5, (8, 8), 32, 32),  # tiles spanning more than one 48-tile block and image
+    (2, (16, 20), 96, 32),  # F(4x4): the most input channels it takes
+    (3, (13, 16), 40, 16),  # F(4x4) forward with a partial tile row; input gradient by oneDNN (40 channels)
+    (1, (28, 28), 17, 64),  # F(4x4) with a scalar channel tail
   ],
 )
 def test_winograd_forward_and_input_gradient_match_xla(batch, hw, cin, cout):
@@ -144,7 +151,7 @@ def test_winograd_forward_and_input_gradient_match_xla(batch, hw, cin, cout):
   x = jax.random.normal(keys[0], (batch, *hw, cin))
   w = jax.random.normal(keys[1], (3, 3, cin, cout)) / np.sqrt(9 * cin)
   pads = ((1, 1), (1, 1))
-  assert winograd_applies(w.shape, (1, 1), pads)
+  assert winograd_tile(x.shape, w.shape, (1, 1), pads) == (4 if min(hw) >= 12 and cin <= 96 else 2)
   ours = lambda a, b: conv_general_dilated(a, b, (1, 1), pads, dimension_numbers=DN)
   dy = jax.random.normal(keys[2], (batch, *hw, cout))
   got = jax.jit(lambda *a: _value_and_grads(ours, *a))(x, w, dy)
@@ -158,18 +165,27 @@ def test_winograd_forward_and_input_gradient_match_xla(batch, hw, cin, cout):
   assert ("DiffjaxOnednnConvBwdData" in hlo) == (cin % 16 != 0)  # dx has cin output channels
 
 
+def test_winograd_tile():
+  pads = ((1, 1), (1, 1))
+  tile = lambda h, w, c, o=16: winograd_tile((2, h, w, c), (3, 3, c, o), (1, 1), pads)
+  assert tile(28, 28, 96) == tile(14, 14, 64) == tile(12, 40, 3) == 4
+  assert tile(8, 8, 32) == tile(10, 40, 32) == 2  # small side: F(2x2)
+  assert tile(28, 28, 128) == 2  # F(4x4) rounding grows with the channels
+  assert tile(4, 4, 64) == tile(4, 15, 64) == 0  # under 64 positions: the direct kernel
+  assert tile(28, 28, 32, o=24) == 0  # output channels not a multiple of 16
+  assert winograd_tile((2, 8, 8, 8), (3, 3, 8, 16), (2, 2), pads) == 0
+  assert winograd_tile((2, 8, 8, 8), (3, 3, 8, 16), (1, 1), ((0, 0), (0, 0))) == 0
+  assert winograd_tile((2, 8, 8, 8), (1, 1, 8, 16), (1, 1), ((0, 0), (0, 0))) == 0
+
+
 def test_winograd_switch(monkeypatch):
   pads = ((1, 1), (1, 1))
-  assert not winograd_applies((3, 3, 8, 16), (2, 2), pads)
-  assert not winograd_applies((3, 3, 8, 16), (1, 1), ((0, 0), (0, 0)))
-  assert not winograd_applies((1, 1, 8, 16), (1, 1), ((0, 0), (0, 0)))
-  assert not winograd_applies((3, 3, 8, 12), (1, 1), pads)
   monkeypatch.setenv(WINOGRAD_ENV, "0")
-  assert not winograd_applies((3, 3, 8, 16), (1, 1), pads)
+  assert winograd_tile((2, 6, 6, 8), (3, 3, 8, 16), (1, 1), pads) == 0
   x, w = jnp.ones((2, 6, 6, 8)), jnp.ones((3, 3, 8, 16))
   f = jax.jit(lambda a, b: conv_general_dilated(a, b, (1, 1), pads, dimension_numbers=DN))
   hlo = f.lower(x, w).compile().as_text()
   assert "DiffjaxOnednnConvFwd" in hlo and "DiffjaxWinograd" not in hlo
   monkeypatch.setenv(WINOGRAD_ENV, "yes")
   with pytest.raises(ValueError, match=WINOGRAD_ENV):
-    winograd_applies((3, 3, 8, 16), (1, 1), pads)
+    winograd_tile((2, 6, 6, 8), (3, 3, 8, 16), (1, 1), pads)
