@@ -86,13 +86,16 @@ def winograd_tile(x_shape, w_shape, strides, padding) -> int:
   but F(4x4) rounds more, the more so the more input channels (``experiments/bench_winograd.py``: about
   6e-6 of the output's scale at 32 channels, 9e-6 at 96, against F(2x2)'s 7e-7), and its heavier
   transforms do not pay on small maps. That benchmark's timings set the rule: F(4x4) on maps of at least
-  12x12 with at most 96 input channels (in its committed run 1.4-1.7x the direct kernel's speed at batch
-  64, 1.1-1.5x at batch 16; F(2x2) 1.2-1.5x), F(2x2) on other maps of 8x8 or more, the direct kernel
-  below (4x4 maps: both Winograds were slower).
+  12x12 with at most 96 input channels (in its committed run 1.5-1.7x the direct kernel's speed at batch
+  64, 1.4-2.0x at batch 16; F(2x2) 1.0-1.5x), F(2x2) on other maps of 8x8 or more (there F(2x2) 1.44x,
+  F(4x4) 1.18x), the direct kernel below (4x4 maps: F(2x2) 0.99x, F(4x4) 1.18x in that run and both
+  slower than direct, 0.76x / 0.63x, in an earlier one).
   """
   flag = os.environ.get(WINOGRAD_ENV, "1")
   if flag not in ("0", "1"):
     raise ValueError(f"{WINOGRAD_ENV} must be 0 or 1, got {flag!r}")
+  if len(x_shape) != 4 or len(w_shape) != 4:
+    raise ValueError(f"x_shape must be [N, H, W, C] and w_shape [KH, KW, C, O]; got {x_shape} and {w_shape}")
   _, h, w, c = x_shape
   if (
     flag == "0"

@@ -1,21 +1,20 @@
-"""Dense layers over many rows on XLA:CPU as oneDNN 1x1 convolutions, with a hand-written VJP.
+"""Dense layers over many token rows on XLA:CPU whose VJP runs oneDNN 1x1-convolution gradients.
 
 :func:`dot_general` is a drop-in for ``jax.lax.dot_general`` in Flax's ``nn.Dense(dot_general=...)``
 hook (used by :func:`diffjax.models.conv.dense`). On XLA:CPU the weight gradient of a dense layer
 applied to ``[B, L, C]`` tokens, ``x^T dy`` contracting over all ``B*L`` rows into a small ``[C, O]``
-block, runs on one thread at a fraction of the machine's matmul rate (``experiments/profile_train_step.py``:
-the 24 attention projections of a 28x28 U-Net training step took 133 ms of dense time against
-PyTorch's 74 ms). The same product is a 1x1 convolution of ``[B, L, 1, C]``, for which oneDNN's
+block, runs on one thread. The same product is a 1x1 convolution of ``[B, L, 1, C]``, for which oneDNN's
 kernels (:mod:`diffjax.onednn_conv`, split over the batch by diffjax's own workers) are fast. So the
-forward stays XLA's dot (which fuses the bias add and was as fast as oneDNN's 1x1 convolution or
-faster), and the backward runs oneDNN's backward-data and backward-weights primitives when there are at
-least :data:`BACKWARD_MIN_ROWS` rows (2-3x faster than XLA's two dots from 1,024 to 16,384 rows of 64
-channels on a 2-core x86 machine), else XLA's dots. Both paths compute the same products: the choice
-changes speed only. Covered: float32 ``inputs[..., L, C] @ kernel[C, O]`` with at least
-three input dimensions, the standard contraction, default precision and :func:`diffjax.cpu_kernels.enabled`;
-anything else, and every backend but CPU (``jax.lax.platform_dependent`` inside
-:mod:`diffjax.onednn_conv`), is ``jax.lax.dot_general``. Equality with XLA (forward and gradients to
-1e-5) is tested in ``tests/test_onednn_dense.py``.
+forward stays XLA's dot plus bias (oneDNN's 1x1 convolution plus the bias ran at 0.5-0.9x its speed in
+``experiments/bench_dense_grad.py``), and the backward runs oneDNN's backward-data and backward-weights
+primitives when there are at least :data:`BACKWARD_MIN_ROWS` rows (1.9-2.8x faster than XLA's two dots
+from 1,024 to 16,384 rows of 64 channels there; 0.64x at 256 rows), else XLA's dots. Both paths compute
+the same products: the choice changes speed only.
+
+Covered: float32 ``inputs[..., L, C] @ kernel[C, O]`` with at least three input dimensions, the
+standard contraction, default precision and :func:`diffjax.cpu_kernels.enabled`; anything else, and
+every backend but CPU (``jax.lax.platform_dependent``), is ``jax.lax.dot_general``. Equality with XLA
+(forward and gradients to 1e-5) is tested in ``tests/test_onednn_dense.py``.
 """
 
 from __future__ import annotations
@@ -27,8 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from diffjax import cpu_kernels
-from diffjax.onednn_conv import conv2d_nhwc
+from diffjax import cpu_kernels, onednn_conv
 
 __all__ = ["BACKWARD_MIN_ROWS", "dot_general"]
 
@@ -60,8 +58,8 @@ def _plain_grads(x, w, dy):
 
 
 def _onednn_grads(x, w, dy):
-  _, vjp = jax.vjp(lambda a, k: conv2d_nhwc(a, k, (1, 1), _VALID), _as_image(x), w[None, None])
-  dx, dw = vjp(_as_image(dy))
+  # the 1x1 convolution's backward alone (its VJP rule; no forward convolution)
+  dx, dw = onednn_conv._vjp_bwd((1, 1), _VALID, (_as_image(x), w[None, None]), _as_image(dy))
   return dx.reshape(x.shape), dw[0, 0]
 
 

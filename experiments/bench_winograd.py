@@ -30,8 +30,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trained_run import machine, write_results
 
-from diffjax import cpu_kernels
-from diffjax.onednn_conv import TARGETS, WINOGRAD_TARGET, winograd_tile
+from diffjax import cpu_kernels, onednn_conv
+from diffjax.onednn_conv import winograd_tile
 
 PADS = ((1, 1), (1, 1))
 SHAPES = (  # (N, H, W, C, O)
@@ -48,21 +48,12 @@ SHAPES = (  # (N, H, W, C, O)
 
 
 def _variants(shape) -> dict:
+  """The three CPU kernels, called directly (diffjax.onednn_conv's own calls, without its choice)."""
   n, h, w, _, o = shape
-  out = jax.ShapeDtypeStruct((n, h, w, o), jnp.float32)
-  threads = np.int64(cpu_kernels.threads())
-  zeros = {k: np.int64(0) for k in ("pt", "pb", "pl", "pr")}
-  pads = {**zeros, "pt": np.int64(1), "pb": np.int64(1), "pl": np.int64(1), "pr": np.int64(1)}
   return {
-    "oneDNN direct": lambda x, k: jax.ffi.ffi_call(TARGETS["fwd"], out)(
-      x, k, sh=np.int64(1), sw=np.int64(1), threads=threads, **pads
-    ),
-    "F(2x2,3x3)": lambda x, k: jax.ffi.ffi_call(WINOGRAD_TARGET, out)(
-      x, k, tile=np.int64(2), threads=threads
-    ),
-    "F(4x4,3x3)": lambda x, k: jax.ffi.ffi_call(WINOGRAD_TARGET, out)(
-      x, k, tile=np.int64(4), threads=threads
-    ),
+    "oneDNN direct": lambda x, k: onednn_conv._call("fwd", (n, h, w, o), x, k, (1, 1), PADS),
+    "F(2x2,3x3)": lambda x, k: onednn_conv._winograd(x, k, 2),
+    "F(4x4,3x3)": lambda x, k: onednn_conv._winograd(x, k, 4),
   }
 
 

@@ -176,6 +176,8 @@ def test_winograd_tile():
   assert winograd_tile((2, 8, 8, 8), (3, 3, 8, 16), (2, 2), pads) == 0
   assert winograd_tile((2, 8, 8, 8), (3, 3, 8, 16), (1, 1), ((0, 0), (0, 0))) == 0
   assert winograd_tile((2, 8, 8, 8), (1, 1, 8, 16), (1, 1), ((0, 0), (0, 0))) == 0
+  with pytest.raises(ValueError, match="x_shape"):
+    winograd_tile((8, 8, 8), (3, 3, 8, 16), (1, 1), pads)
 
 
 def test_winograd_switch(monkeypatch):

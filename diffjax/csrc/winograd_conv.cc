@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <vector>
 
 #include "workers.h"
@@ -221,6 +222,11 @@ void RunBlock(const Geometry& g, const float* x, const float* u, float* y, int64
     }
     TransformInput<M>(p, c_n, v + j * c_n, kBlock * c_n);
   }
+  // a short last block: the micro-kernels still run all kBlock rows; give the unused ones defined values
+  // (their products are never read)
+  for (int k = 0; nb < kBlock && k < A * A; ++k) {
+    std::memset(v + (k * kBlock + nb) * c_n, 0, (kBlock - nb) * c_n * sizeof(float));
+  }
   for (int k = 0; k < A * A; ++k) {
     Gemm(v + k * kBlock * c_n, u + k * c_n * o_n, m + k * kBlock * o_n, kBlock, c_n, o_n);
   }
@@ -240,17 +246,18 @@ void RunBlock(const Geometry& g, const float* x, const float* u, float* y, int64
 template <int M>
 void Run(const Geometry& g, const float* x, const float* w, float* y, int64_t threads) {
   constexpr int A = M + 2;
-  std::vector<float> u(A * A * g.c * g.o);
-  TransformWeights<M>(w, g.c, g.o, u.data());
+  std::unique_ptr<float[]> u(new float[A * A * g.c * g.o]);  // every element written here
+  TransformWeights<M>(w, g.c, g.o, u.get());
   const int64_t blocks = (g.Tiles() + kBlock - 1) / kBlock;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
   const std::vector<float> zeros(g.c, 0.0f);
   std::function<void(int)> fn = [&](int i) {
-    // rows past a short last block hold stale values: their products are computed and never read
-    std::vector<float> v(A * A * kBlock * g.c, 0.0f), m(A * A * kBlock * g.o), sink(M * M * g.o);
+    // per-thread scratch, left uninitialised: RunBlock writes every element it reads
+    std::unique_ptr<float[]> v(new float[A * A * kBlock * g.c]), m(new float[A * A * kBlock * g.o]);
+    std::unique_ptr<float[]> sink(new float[M * M * g.o]);
     for (int64_t b = blocks * i / chunks; b < blocks * (i + 1) / chunks; ++b) {
-      RunBlock<M>(g, x, u.data(), y, b * kBlock, std::min(g.Tiles(), (b + 1) * kBlock), zeros.data(), sink.data(),
-                  v.data(), m.data());
+      RunBlock<M>(g, x, u.get(), y, b * kBlock, std::min(g.Tiles(), (b + 1) * kBlock), zeros.data(), sink.get(),
+                  v.get(), m.get());
     }
   };
   diffjax::Pool().Run(static_cast<int>(chunks), fn);
