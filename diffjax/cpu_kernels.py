@@ -9,11 +9,15 @@ by op class). ``diffjax/csrc`` holds C++ custom calls for both:
   used by :mod:`diffjax.onednn_conv` and, as 1x1 convolutions, by the token dense layers' gradients
   (:mod:`diffjax.onednn_dense`);
 * ``winograd_conv.cc``: the 3x3 stride-1 "SAME" convolutions (forward and input gradient) by Winograd's
-  F(2x2, 3x3), used by :mod:`diffjax.onednn_conv`;
+  F(2x2, 3x3) and F(4x4, 3x3), used by :mod:`diffjax.onednn_conv`;
+* ``dense.cc``: the token dense layers' forward product ``x @ w`` split over threads, used by
+  :mod:`diffjax.onednn_dense`; it shares ``gemm_kernels.h``'s register-blocked products with
+  ``winograd_conv.cc``;
 * ``group_norm.cc``: GroupNorm (+ SiLU) forward and backward, used by :mod:`diffjax.models.group_norm`;
 * ``attention.cc``: multi-head softmax attention forward and (recomputing) backward, used by
   :mod:`diffjax.models.attention_kernels`;
-* ``fast_exp.h``: an exp that GCC inlines and vectorises, for the softmax and SiLU loops;
+* ``fast_exp.h``: an exp that GCC inlines and vectorises (and a 16-lane AVX-512 one), for the softmax
+  and SiLU loops;
 * ``workers.h``: the threads both split their batch over (not OpenMP, whose spinning workers would
   compete with XLA's threads and whose runtime PyTorch shares when loaded in the same process).
 
@@ -49,13 +53,14 @@ __all__ = ["ENV_VAR", "available", "enabled", "library_path", "setting", "thread
 ENV_VAR = "DIFFJAX_CPU_KERNELS"
 CHOICES = ("native", "xla")
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-SOURCES = ("onednn_conv.cc", "winograd_conv.cc", "group_norm.cc", "attention.cc")
-HEADERS = ("workers.h", "fast_exp.h")
+SOURCES = ("onednn_conv.cc", "winograd_conv.cc", "dense.cc", "group_norm.cc", "attention.cc")
+HEADERS = ("workers.h", "fast_exp.h", "gemm_kernels.h")
 TARGETS = (
   "DiffjaxOnednnConvFwd",
   "DiffjaxOnednnConvBwdData",
   "DiffjaxOnednnConvBwdWeights",
   "DiffjaxWinogradConv3x3",
+  "DiffjaxDense",
   "DiffjaxGroupNormFwd",
   "DiffjaxGroupNormBwd",
   "DiffjaxAttentionFwd",

@@ -10,8 +10,9 @@
 // fewer multiply-adds, done as a^2 matrix products M[k] = V[k] (tiles x C) . U[k] (C x O) by
 // register-blocked micro-kernels (GCC vector extensions: AVX-512 where the machine has it). F(4x4)
 // rounds more (its transforms hold 4, 5, 8 and 1/24; errors stay within 1e-5 of the output's scale in
-// tests/test_onednn_conv.py). Tiles (over the whole batch, row-major) are taken in blocks of kBlock so
-// that a block's V and M stay in the core's L2 cache; blocks are split over diffjax::Pool() threads. The
+// tests/test_onednn_conv.py). Tiles (over the whole batch, row-major) are split evenly over
+// diffjax::Pool() threads, each taking its share in blocks of at most kBlock so that a block's V and M
+// stay in the core's L2 cache. The
 // input gradient of the same convolution is this convolution of dy with the kernel rotated by 180
 // degrees and its channel axes swapped (done by the caller, diffjax/onednn_conv.py).
 #include <algorithm>
@@ -21,6 +22,7 @@
 #include <memory>
 #include <vector>
 
+#include "gemm_kernels.h"
 #include "workers.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -28,17 +30,18 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kBlock = 48;  // tiles per block: a multiple of the micro-kernels' 6, 12 and 16 rows
+using diffjax::Gemm;
+using diffjax::Load;
+using diffjax::Store;
+using diffjax::Vec;
 
-typedef float Vec __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register (two AVX2 ones)
+constexpr int64_t kBlock = diffjax::kGemmRows;  // tiles per block
 
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
+// Floats between the a^2 planes V[k] (channels n = C) or M[k] (n = O) of a block: kBlock rows plus one
+// cache line, so that the planes do not start at the same offset modulo 4 KiB. Unpadded, a tile's a^2
+// stores (and the output transform's loads) all fell into one L1 set, and far more lines than its ways.
+inline int64_t PlaneStride(int64_t n) { return kBlock * n + 16; }
 
-inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
 inline float LoadScalar(const float* p) { return *p; }
 inline void StoreScalar(float* p, float v) { *p = v; }
 
@@ -98,16 +101,51 @@ inline void RightMultiplyTransposed(const T (&x)[I][S], const float (&r)[J][S], 
 
 // V[k][c..] = (B^T d B)[k] for the patch whose (r, s) channel vector is at p[A r + s] (a zero vector
 // outside the image), on channels [c, c + sizeof(T)/4); V[k] and V[k+1] are `stride` apart.
+// F(4x4, 3x3)'s B^T and A^T applied to one 6-vector with shared partial sums (14 and 10 operations where
+// the plain products of LeftMultiply take 22 and 17): the rows of Transforms<4>::BT and ::AT regrouped.
+template <typename T>
+inline void InputTransform4(T d0, T d1, T d2, T d3, T d4, T d5, T (&t)[6]) {
+  const T e = d4 - d2, f = d3 - d1;
+  t[0] = d0 * 4.0f + d4 - d2 * 5.0f;
+  t[1] = (d3 + d4) - (d1 + d2) * 4.0f;
+  t[2] = (d4 - d3) + (d1 - d2) * 4.0f;
+  t[3] = e + f * 2.0f;
+  t[4] = e - f * 2.0f;
+  t[5] = d1 * 4.0f + d5 - d3 * 5.0f;
+}
+
+template <typename T>
+inline void OutputTransform4(T m0, T m1, T m2, T m3, T m4, T m5, T (&o)[4]) {
+  const T a = m1 + m2, b = m1 - m2, c = m3 + m4, d = m3 - m4;
+  o[0] = m0 + a + c;
+  o[1] = b + d * 2.0f;
+  o[2] = a + c * 4.0f;
+  o[3] = b + d * 8.0f + m5;
+}
+
 template <int M, typename T, T (*Ld)(const float*), void (*St)(float*, T)>
 inline void TransformInputAt(const float* const* p, int64_t c, float* v, int64_t stride) {
   constexpr int A = M + 2;
-  T d[A][A], t[A][A], out[A][A];
-  for (int r = 0; r < A; ++r)
-    for (int s = 0; s < A; ++s) d[r][s] = Ld(p[r * A + s] + c);
-  LeftMultiply(Transforms<M>::BT, d, t);
-  RightMultiplyTransposed(t, Transforms<M>::BT, out);
-  for (int r = 0; r < A; ++r)
-    for (int s = 0; s < A; ++s) St(v + (r * A + s) * stride + c, out[r][s]);
+  if constexpr (M == 4) {  // columns, then rows: V = (B^T d) B
+    T t[A][A], col[A], row[A];
+    for (int s = 0; s < A; ++s) {
+      InputTransform4(Ld(p[s] + c), Ld(p[A + s] + c), Ld(p[2 * A + s] + c), Ld(p[3 * A + s] + c),
+                      Ld(p[4 * A + s] + c), Ld(p[5 * A + s] + c), col);
+      for (int r = 0; r < A; ++r) t[r][s] = col[r];
+    }
+    for (int r = 0; r < A; ++r) {
+      InputTransform4(t[r][0], t[r][1], t[r][2], t[r][3], t[r][4], t[r][5], row);
+      for (int s = 0; s < A; ++s) St(v + (r * A + s) * stride + c, row[s]);
+    }
+  } else {
+    T d[A][A], t[A][A], out[A][A];
+    for (int r = 0; r < A; ++r)
+      for (int s = 0; s < A; ++s) d[r][s] = Ld(p[r * A + s] + c);
+    LeftMultiply(Transforms<M>::BT, d, t);
+    RightMultiplyTransposed(t, Transforms<M>::BT, out);
+    for (int r = 0; r < A; ++r)
+      for (int s = 0; s < A; ++s) St(v + (r * A + s) * stride + c, out[r][s]);
+  }
 }
 
 // The M x M outputs A^T m A (to q[M r + s]) for m[k] = Mk[k][o..] (`stride` apart), on output channels
@@ -115,13 +153,26 @@ inline void TransformInputAt(const float* const* p, int64_t c, float* v, int64_t
 template <int M, typename T, T (*Ld)(const float*), void (*St)(float*, T)>
 inline void TransformOutputAt(const float* m, int64_t o, int64_t stride, float* const* q) {
   constexpr int A = M + 2;
-  T x[A][A], t[M][A], out[M][M];
-  for (int r = 0; r < A; ++r)
-    for (int s = 0; s < A; ++s) x[r][s] = Ld(m + (r * A + s) * stride + o);
-  LeftMultiply(Transforms<M>::AT, x, t);
-  RightMultiplyTransposed(t, Transforms<M>::AT, out);
-  for (int r = 0; r < M; ++r)
-    for (int s = 0; s < M; ++s) St(q[r * M + s] + o, out[r][s]);
+  const auto at = [&](int r, int s) { return Ld(m + (r * A + s) * stride + o); };
+  if constexpr (M == 4) {  // columns, then rows: Y = (A^T m) A
+    T t[M][A], col[M], row[M];
+    for (int s = 0; s < A; ++s) {
+      OutputTransform4(at(0, s), at(1, s), at(2, s), at(3, s), at(4, s), at(5, s), col);
+      for (int r = 0; r < M; ++r) t[r][s] = col[r];
+    }
+    for (int r = 0; r < M; ++r) {
+      OutputTransform4(t[r][0], t[r][1], t[r][2], t[r][3], t[r][4], t[r][5], row);
+      for (int s = 0; s < M; ++s) St(q[r * M + s] + o, row[s]);
+    }
+  } else {
+    T x[A][A], t[M][A], out[M][M];
+    for (int r = 0; r < A; ++r)
+      for (int s = 0; s < A; ++s) x[r][s] = at(r, s);
+    LeftMultiply(Transforms<M>::AT, x, t);
+    RightMultiplyTransposed(t, Transforms<M>::AT, out);
+    for (int r = 0; r < M; ++r)
+      for (int s = 0; s < M; ++s) St(q[r * M + s] + o, out[r][s]);
+  }
 }
 
 // U[k][i..] = (G g G^T)[k] for g = w[:, :, i] (i = c O + o) on [i, i + sizeof(T)/4); U[k], U[k+1] are
@@ -160,41 +211,6 @@ void TransformOutput(const float* m, int64_t o_n, int64_t stride, float* const* 
   for (; o < o_n; ++o) TransformOutputAt<M, float, LoadScalar, StoreScalar>(m, o, stride, q);
 }
 
-// m[R rows][16 NV columns] = v[R rows][C] . u[C][16 NV columns] (row strides c_n, o_n, o_n): R x NV
-// accumulators held in registers.
-template <int R, int NV>
-void MicroKernel(const float* __restrict v, const float* __restrict u, float* __restrict m, int64_t c_n,
-                 int64_t o_n) {
-  Vec acc[R][NV] = {};
-  for (int64_t k = 0; k < c_n; ++k) {
-    Vec b[NV];
-    for (int j = 0; j < NV; ++j) b[j] = Load(u + k * o_n + 16 * j);
-    for (int r = 0; r < R; ++r) {
-      const float a = v[r * c_n + k];
-      for (int j = 0; j < NV; ++j) acc[r][j] += a * b[j];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NV; ++j) Store(m + r * o_n + 16 * j, acc[r][j]);
-}
-
-// m[rows][O] = v[rows][C] . u[C][O] for rows a multiple of 48; column blocks of 64, 32, 16, then scalar.
-void Gemm(const float* v, const float* u, float* m, int64_t rows, int64_t c_n, int64_t o_n) {
-  int64_t o0 = 0;
-  for (; o0 + 64 <= o_n; o0 += 64)
-    for (int64_t r = 0; r < rows; r += 6) MicroKernel<6, 4>(v + r * c_n, u + o0, m + r * o_n + o0, c_n, o_n);
-  for (; o0 + 32 <= o_n; o0 += 32)
-    for (int64_t r = 0; r < rows; r += 12) MicroKernel<12, 2>(v + r * c_n, u + o0, m + r * o_n + o0, c_n, o_n);
-  for (; o0 + 16 <= o_n; o0 += 16)
-    for (int64_t r = 0; r < rows; r += 16) MicroKernel<16, 1>(v + r * c_n, u + o0, m + r * o_n + o0, c_n, o_n);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t o = o0; o < o_n; ++o) {
-      float acc = 0.0f;
-      for (int64_t k = 0; k < c_n; ++k) acc += v[r * c_n + k] * u[k * o_n + o];
-      m[r * o_n + o] = acc;
-    }
-}
-
 struct Geometry {
   int64_t n, h, w, c, o, th, tw;
   int64_t Tiles() const { return n * th * tw; }
@@ -220,15 +236,16 @@ void RunBlock(const Geometry& g, const float* x, const float* u, float* y, int64
         p[r * A + s] = inside ? base + (iy * g.w + ix) * c_n : zeros;
       }
     }
-    TransformInput<M>(p, c_n, v + j * c_n, kBlock * c_n);
+    TransformInput<M>(p, c_n, v + j * c_n, PlaneStride(c_n));
   }
-  // a short last block: the micro-kernels still run all kBlock rows; give the unused ones defined values
-  // (their products are never read)
-  for (int k = 0; nb < kBlock && k < A * A; ++k) {
-    std::memset(v + (k * kBlock + nb) * c_n, 0, (kBlock - nb) * c_n * sizeof(float));
+  // a short block: the micro-kernels run whole multiples of their rows; give the extra ones defined
+  // values (their products are never read)
+  const int64_t multiple = diffjax::GemmRowMultiple(o_n), rows = (nb + multiple - 1) / multiple * multiple;
+  for (int k = 0; nb < rows && k < A * A; ++k) {
+    std::memset(v + k * PlaneStride(c_n) + nb * c_n, 0, (rows - nb) * c_n * sizeof(float));
   }
   for (int k = 0; k < A * A; ++k) {
-    Gemm(v + k * kBlock * c_n, u + k * c_n * o_n, m + k * kBlock * o_n, kBlock, c_n, o_n);
+    Gemm(v + k * PlaneStride(c_n), u + k * c_n * o_n, m + k * PlaneStride(o_n), rows, c_n, o_n);
   }
   for (int64_t j = 0; j < nb; ++j) {
     const int64_t t = t0 + j, img = t / (g.th * g.tw), ty = (t / g.tw) % g.th, tx = t % g.tw;
@@ -239,7 +256,7 @@ void RunBlock(const Geometry& g, const float* x, const float* u, float* y, int64
         q[r * M + s] = (oy < g.h && ox < g.w) ? base + (oy * g.w + ox) * o_n : sink + (r * M + s) * o_n;
       }
     }
-    TransformOutput<M>(m + j * o_n, o_n, kBlock * o_n, q);
+    TransformOutput<M>(m + j * o_n, o_n, PlaneStride(o_n), q);
   }
 }
 
@@ -248,16 +265,17 @@ void Run(const Geometry& g, const float* x, const float* w, float* y, int64_t th
   constexpr int A = M + 2;
   std::unique_ptr<float[]> u(new float[A * A * g.c * g.o]);  // every element written here
   TransformWeights<M>(w, g.c, g.o, u.get());
-  const int64_t blocks = (g.Tiles() + kBlock - 1) / kBlock;
+  // each chunk takes an equal share of the tiles, in blocks of at most kBlock
+  const int64_t tiles = g.Tiles(), blocks = (tiles + kBlock - 1) / kBlock;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
   const std::vector<float> zeros(g.c, 0.0f);
   std::function<void(int)> fn = [&](int i) {
     // per-thread scratch, left uninitialised: RunBlock writes every element it reads
-    std::unique_ptr<float[]> v(new float[A * A * kBlock * g.c]), m(new float[A * A * kBlock * g.o]);
+    std::unique_ptr<float[]> v(new float[A * A * PlaneStride(g.c)]), m(new float[A * A * PlaneStride(g.o)]);
     std::unique_ptr<float[]> sink(new float[M * M * g.o]);
-    for (int64_t b = blocks * i / chunks; b < blocks * (i + 1) / chunks; ++b) {
-      RunBlock<M>(g, x, u.get(), y, b * kBlock, std::min(g.Tiles(), (b + 1) * kBlock), zeros.data(), sink.get(),
-                  v.get(), m.get());
+    const int64_t end = tiles * (i + 1) / chunks;
+    for (int64_t t0 = tiles * i / chunks; t0 < end; t0 += kBlock) {
+      RunBlock<M>(g, x, u.get(), y, t0, std::min(end, t0 + kBlock), zeros.data(), sink.get(), v.get(), m.get());
     }
   };
   diffjax::Pool().Run(static_cast<int>(chunks), fn);

@@ -93,10 +93,12 @@ def ddim_step(
   ab_prev = jnp.where(
     t_prev >= 0, alpha_bar_at(schedule.alphas_cumprod, t_prev), jnp.asarray(final_alpha_bar, jnp.float32)
   )
+  # a static eta = 0 (a Python number) draws no noise: sigma is 0, and the sampler skips the RNG work
+  deterministic = isinstance(eta, (int, float)) and eta == 0
   eta = jnp.asarray(eta, x_t.dtype)
   eta = eta.reshape(eta.shape + (1,) * (nd - eta.ndim)) if eta.ndim else eta
   sigma = ddim_sigma(ab_t=ab_t, ab_prev=ab_prev, eta=eta)
-  noise = jax.random.normal(key, x_t.shape, x_t.dtype)
+  noise = None if deterministic else jax.random.normal(key, x_t.shape, x_t.dtype)
   return ddim_update(x0=x0, eps=eps, ab_prev=ab_prev, sigma=sigma, noise=noise)
 
 

@@ -99,13 +99,20 @@ def test_errors():
 
 
 @pytest.mark.parametrize("silu", [False, True])
-def test_native_cpu_kernel_matches_the_xla_formulation(silu, monkeypatch):
+@pytest.mark.parametrize(
+  "shape, groups, offset",
+  # 24 channels: the generic kernel; 48 and 128: the AVX-512 one (whole vectors of channels) where the
+  # CPU has it, including a mean far from zero and channel means spread within a group (below)
+  [((5, 6, 7, 24), 6, 1.5), ((3, 9, 11, 48), 8, 1.5), ((2, 4, 4, 128), 32, 0.0), ((2, 5, 6, 32), 4, 40.0)],
+)
+def test_native_cpu_kernel_matches_the_xla_formulation(shape, groups, offset, silu, monkeypatch):
   from diffjax import cpu_kernels
 
   if not cpu_kernels.available():
     pytest.skip(cpu_kernels.unavailable_reason())
-  x, scale, bias, g = _inputs((5, 6, 7, 24), seed=3, offset=1.5)
-  fn = lambda *a: group_norm(*a, num_groups=6, silu=silu)
+  x, scale, bias, g = _inputs(shape, seed=3, offset=offset)
+  x = x + jnp.linspace(-3.0, 3.0, shape[-1])  # channel means differ within each group
+  fn = lambda *a: group_norm(*a, num_groups=groups, silu=silu)
 
   def value_and_grads(*a):
     out, pull = jax.vjp(fn, *a)
