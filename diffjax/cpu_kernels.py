@@ -201,6 +201,20 @@ def enabled(environ=os.environ) -> bool:
   return False
 
 
+def vector_kernels(environ=os.environ) -> bool:
+  """Whether the AVX-512 forward kernels of GroupNorm and attention may run: ``DIFFJAX_CPU_AVX512``.
+
+  ``1`` (the default) lets them run where the library was compiled with AVX-512 (``-march=native`` on
+  such a CPU) and the shape suits them (GroupNorm: channels a multiple of 16 up to 128; attention: head
+  size 8 or 16); ``0`` keeps the portable kernels, which is how the tests check both and
+  ``experiments/bench_sampling_kernels.py`` compares them.
+  """
+  value = environ.get("DIFFJAX_CPU_AVX512", "1").strip()
+  if value not in ("0", "1"):
+    raise ValueError(f"DIFFJAX_CPU_AVX512={value!r}: expected 0 or 1")
+  return value == "1"
+
+
 def threads(environ=os.environ) -> int:
   """Threads a kernel splits its batch over: ``DIFFJAX_CPU_THREADS``, else the usable cores."""
   value = environ.get("DIFFJAX_CPU_THREADS", "").strip()

@@ -28,6 +28,9 @@ def test_settings_and_thread_count():
   assert cpu_kernels.threads({}) >= 1
   with pytest.raises(ValueError, match="DIFFJAX_CPU_THREADS"):
     cpu_kernels.threads({"DIFFJAX_CPU_THREADS": "0"})
+  assert cpu_kernels.vector_kernels({}) and not cpu_kernels.vector_kernels({"DIFFJAX_CPU_AVX512": "0"})
+  with pytest.raises(ValueError, match="DIFFJAX_CPU_AVX512"):
+    cpu_kernels.vector_kernels({"DIFFJAX_CPU_AVX512": "yes"})
 
 
 def test_unavailable_library_falls_back_unless_asked_for(tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 //
 //   DiffjaxAttentionFwd  (q[B,L,H,D], k[B,S,H,D], v[B,S,H,D])              -> out[B,L,H,D], lse[B,H,L]
 //   DiffjaxAttentionBwd  (q, k, v, out, lse, dout[B,L,H,D])                -> dq, dk, dv
-// Attribute: threads.
+// Attributes: threads; the forward also vector (0/1: may it use the AVX-512 kernel for heads of 8 or 16).
 //
 // The same function as diffjax/models/attention_kernels.py: out = softmax(q k^T / sqrt(D)) v, saving only
 // out and the per-query log-sum-exp and recomputing the probabilities in the backward pass (as in
@@ -314,21 +314,23 @@ ffi::Error CheckHead(const Dims& dm) {
 }
 
 ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                            ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, int64_t threads) {
+                            ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, int64_t threads,
+                            int64_t vector) {
   const Dims dm = DimsOf(q.dimensions(), k.dimensions());
   if (auto e = CheckHead(dm); e.failure()) return e;
   ForTasks(dm, threads, [&](int64_t bi, int64_t hd) {
     const float *a = q.typed_data(), *b = k.typed_data(), *c = v.typed_data();
     float *o = out->typed_data(), *ls = lse->typed_data();
 #if defined(__AVX512F__)
-    if (dm.d == 8) {
+    if (vector != 0 && dm.d == 8) {
       ForwardTaskQueryVectors<8>(dm, bi, hd, a, b, c, o, ls);
-    } else if (dm.d == 16) {
-      ForwardTaskQueryVectors<16>(dm, bi, hd, a, b, c, o, ls);
-    } else {
-      ForwardTask<0>(dm, bi, hd, a, b, c, o, ls);
+      return;
     }
-#else
+    if (vector != 0 && dm.d == 16) {
+      ForwardTaskQueryVectors<16>(dm, bi, hd, a, b, c, o, ls);
+      return;
+    }
+#endif
     if (dm.d == 8) {
       ForwardTask<8>(dm, bi, hd, a, b, c, o, ls);
     } else if (dm.d == 16) {
@@ -336,7 +338,6 @@ ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ff
     } else {
       ForwardTask<0>(dm, bi, hd, a, b, c, o, ls);
     }
-#endif
   });
   return ffi::Error::Success();
 }
@@ -371,7 +372,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffjaxAttentionFwd, AttentionForward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("vector"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffjaxAttentionBwd, AttentionBackward,
                               ffi::Ffi::Bind()

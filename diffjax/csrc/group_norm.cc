@@ -2,7 +2,8 @@
 //
 //   DiffjaxGroupNormFwd  (x[B,...,C], scale[C], bias[C])                 -> y, mean[B,G], rstd[B,G]
 //   DiffjaxGroupNormBwd  (x, scale, bias, mean, rstd, dy)               -> dx, dscale[C], dbias[C]
-// Attributes: groups, eps, silu (0/1), threads.
+// Attributes: groups, eps, silu (0/1), threads; the forward also vector (0/1: may it use the AVX-512
+// kernel).
 //
 // The same math as diffjax/models/group_norm.py (Wu & He 2018, "Group Normalization"; two-pass
 // variance; backward differentiated by hand): per image, channel sums over the spatial positions with
@@ -254,11 +255,11 @@ int64_t Chunks(int64_t threads, int64_t b) { return std::max<int64_t>(1, std::mi
 ffi::Error GroupNormForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
                             ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean,
                             ffi::ResultBuffer<ffi::F32> rstd, int64_t groups, float eps, int64_t silu,
-                            int64_t threads) {
+                            int64_t threads, int64_t vector) {
   const Shape sh = ShapeOf(x.dimensions(), groups);
   if (auto e = CheckGroups(sh); e.failure()) return e;
   const int64_t chunks = Chunks(threads, sh.b), image = sh.s * sh.c;
-  const ForwardFn image_fn = VectorForward(sh) ? VectorForward(sh) : ForwardImage;
+  const ForwardFn image_fn = vector != 0 && VectorForward(sh) ? VectorForward(sh) : ForwardImage;
   std::function<void(int)> fn = [&](int i) {
     for (int64_t b = sh.b * i / chunks; b < sh.b * (i + 1) / chunks; ++b) {
       image_fn(sh, x.typed_data() + b * image, scale.typed_data(), bias.typed_data(), eps, silu != 0,
@@ -308,7 +309,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffjaxGroupNormFwd, GroupNormForward,
                                   .Attr<int64_t>("groups")
                                   .Attr<float>("eps")
                                   .Attr<int64_t>("silu")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("vector"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffjaxGroupNormBwd, GroupNormBackward,
                               ffi::Ffi::Bind()

@@ -114,7 +114,7 @@ def _native_forward(q, k, v):
   b, l, h, _ = q.shape
   shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, l), jnp.float32))
   call = jax.ffi.ffi_call("DiffjaxAttentionFwd", shapes, vmap_method="sequential")
-  return call(q, k, v, threads=np.int64(cpu_kernels.threads()))
+  return call(q, k, v, threads=np.int64(cpu_kernels.threads()), vector=np.int64(cpu_kernels.vector_kernels()))
 
 
 def _rows_forward(q, k, v, block_bytes):

@@ -122,6 +122,7 @@ def _forward(x, scale, bias, groups, eps, silu, out_dtype):
       eps=np.float32(eps),
       silu=np.int64(silu),
       threads=np.int64(cpu_kernels.threads()),
+      vector=np.int64(cpu_kernels.vector_kernels()),
     )
 
   y, mean, rstd = jax.lax.platform_dependent(x, scale, bias, cpu=native, default=xla)

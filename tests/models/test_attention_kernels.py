@@ -129,11 +129,13 @@ def test_unet_attention_impls_agree_forward_and_grads():
   # are whole blocks of 16 plus a short one; 49 and 33 keys leave remainders after the 4-key loop
   [(2, 49, 49, 3, 8), (3, 10, 7, 2, 16), (2, 20, 33, 2, 16), (2, 12, 20, 2, 5)],
 )
-def test_native_cpu_kernel_matches_the_blocked_xla_kernel(shape, monkeypatch):
+@pytest.mark.parametrize("avx512", ["1", "0"])  # 0: the portable forward kernel for every head size
+def test_native_cpu_kernel_matches_the_blocked_xla_kernel(shape, avx512, monkeypatch):
   from diffjax import cpu_kernels
 
   if not cpu_kernels.available():
     pytest.skip(cpu_kernels.unavailable_reason())
+  monkeypatch.setenv("DIFFJAX_CPU_AVX512", avx512)
   b, l, s, h, d = shape
   q, k, v, g = _qkv(b, l, s, h, d, seed=4)
   results, texts = {}, {}

@@ -105,11 +105,13 @@ def test_errors():
   # CPU has it, including a mean far from zero and channel means spread within a group (below)
   [((5, 6, 7, 24), 6, 1.5), ((3, 9, 11, 48), 8, 1.5), ((2, 4, 4, 128), 32, 0.0), ((2, 5, 6, 32), 4, 40.0)],
 )
-def test_native_cpu_kernel_matches_the_xla_formulation(shape, groups, offset, silu, monkeypatch):
+@pytest.mark.parametrize("avx512", ["1", "0"])  # 0: the portable forward kernel for every shape
+def test_native_cpu_kernel_matches_the_xla_formulation(shape, groups, offset, silu, avx512, monkeypatch):
   from diffjax import cpu_kernels
 
   if not cpu_kernels.available():
     pytest.skip(cpu_kernels.unavailable_reason())
+  monkeypatch.setenv("DIFFJAX_CPU_AVX512", avx512)
   x, scale, bias, g = _inputs(shape, seed=3, offset=offset)
   x = x + jnp.linspace(-3.0, 3.0, shape[-1])  # channel means differ within each group
   fn = lambda *a: group_norm(*a, num_groups=groups, silu=silu)
