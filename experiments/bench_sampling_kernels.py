@@ -11,10 +11,12 @@ forward, which is all that sampling runs:
 * GroupNorm(8 groups) + SiLU: the AVX-512 two-pass kernel, the portable three-pass kernel, diffjax's
   XLA formulation and ``torch`` ``group_norm`` + ``silu`` (channels-last input, as the U-Net has it);
 * the token dense layers (64 -> 64 plus bias): diffjax's threaded product (``csrc/dense.cc``), XLA's
-  dot and ``torch`` ``linear``.
+  dot and ``torch`` ``linear``, and diffjax's product without the bias add.
 
-Each jax variant is compiled with its setting in the environment (the kernels read them at trace time)
-and all variants of a shape run once per round in rotating order; times are medians over rounds, and
+Each jax variant is compiled with its setting in the environment (the kernels read them at trace time),
+every call is waited for, and all variants of a shape run once per round in rotating order, each after
+30 ms of untimed calls (PyTorch's OpenMP workers spin for milliseconds after a call and would take a
+core from the next variant); times are medians over rounds, and
 speed-ups medians over rounds of per-round ratios against diffjax's default. Results:
 ``experiments/results/bench_sampling_kernels.{json,md}``.
 
@@ -39,7 +41,6 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_winograd import _time
 from trained_run import machine, write_results
 
 from diffjax import cpu_kernels, onednn_dense
@@ -67,9 +68,14 @@ def _env(**values):
 
 
 def _compiled(fn, args, **env):
-  """``fn`` jitted and compiled with ``env`` set while it is traced."""
+  """``fn`` jitted, traced and compiled (by a first call) with ``env`` set. A new function each time:
+  jit's trace cache would otherwise hand back the first variant's. Later calls reuse the executable
+  through jit's C++ dispatch path (calling a ``.lower().compile()`` object instead costs a Python-level
+  argument check per call, a sizeable part of these sub-millisecond kernels)."""
+  f = jax.jit(lambda *a: fn(*a))
   with _env(**env):
-    return jax.jit(fn).lower(*args).compile()
+    jax.block_until_ready(f(*args))
+  return f
 
 
 def _torch(fn, args, reps: int) -> float:
@@ -88,6 +94,11 @@ def _run(variants: dict, rounds: int, reps: int) -> dict:
   times = {name: [] for name in names}
   for r in range(rounds):
     for name in names[r % len(names) :] + names[: r % len(names)]:
+      # untimed calls for 30 ms first: the previous variant's idle threads spin for a while after its
+      # last call (PyTorch's OpenMP workers for milliseconds) and would take a core from this one
+      t0 = time.perf_counter()
+      while time.perf_counter() - t0 < 0.03:
+        variants[name](2)
       times[name].append(variants[name](reps))
   t = {k: np.asarray(v) for k, v in times.items()}
   first = names[0]
@@ -98,7 +109,16 @@ def _run(variants: dict, rounds: int, reps: int) -> dict:
 
 
 def _jax(fn, args):
-  return lambda reps: _time(fn, args, reps)
+  """Seconds per call, each call waited for: the calls are not left to overlap (JAX's CPU client would
+  run independent executions concurrently, and the native kernels would then wait for each other)."""
+
+  def run(reps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      jax.block_until_ready(fn(*args))
+    return (time.perf_counter() - t0) / reps
+
+  return run
 
 
 def attention_rows(rounds: int, reps: int) -> list:
@@ -160,6 +180,9 @@ def dense_rows(rounds: int, reps: int) -> list:
       "native": _jax(_compiled(lambda x, w, b: onednn_dense.dense_product(x, w) + b, args), args),
       "xla": _jax(_compiled(lambda x, w, b: onednn_dense._plain(x, w) + b, args), args),
       "torch": lambda reps, a=(xt, wt, bt): _torch(torch.nn.functional.linear, a, reps),
+      # the product alone: Flax's bias add is a separate pass after the custom call, where XLA's own
+      # dot takes it into its output
+      "native without bias": _jax(_compiled(lambda x, w, b: onednn_dense.dense_product(x, w), args), args),
     }
     row = {"shape": f"{BATCH}x{tokens} tokens, 64 -> 64", **_run(variants, rounds, reps)}
     rows.append(row)

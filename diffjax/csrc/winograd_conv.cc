@@ -12,9 +12,9 @@
 // rounds more (its transforms hold 4, 5, 8 and 1/24; errors stay within 1e-5 of the output's scale in
 // tests/test_onednn_conv.py). Tiles (over the whole batch, row-major) are split evenly over
 // diffjax::Pool() threads, each taking its share in blocks of at most kBlock so that a block's V and M
-// stay in the core's L2 cache. The
-// input gradient of the same convolution is this convolution of dy with the kernel rotated by 180
-// degrees and its channel axes swapped (done by the caller, diffjax/onednn_conv.py).
+// stay in the core's L2 cache (a block's a^2 planes are padded apart: PlaneStride). The input gradient
+// of the same convolution is this convolution of dy with the kernel rotated by 180 degrees and its
+// channel axes swapped (done by the caller, diffjax/onednn_conv.py).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -101,51 +101,16 @@ inline void RightMultiplyTransposed(const T (&x)[I][S], const float (&r)[J][S], 
 
 // V[k][c..] = (B^T d B)[k] for the patch whose (r, s) channel vector is at p[A r + s] (a zero vector
 // outside the image), on channels [c, c + sizeof(T)/4); V[k] and V[k+1] are `stride` apart.
-// F(4x4, 3x3)'s B^T and A^T applied to one 6-vector with shared partial sums (14 and 10 operations where
-// the plain products of LeftMultiply take 22 and 17): the rows of Transforms<4>::BT and ::AT regrouped.
-template <typename T>
-inline void InputTransform4(T d0, T d1, T d2, T d3, T d4, T d5, T (&t)[6]) {
-  const T e = d4 - d2, f = d3 - d1;
-  t[0] = d0 * 4.0f + d4 - d2 * 5.0f;
-  t[1] = (d3 + d4) - (d1 + d2) * 4.0f;
-  t[2] = (d4 - d3) + (d1 - d2) * 4.0f;
-  t[3] = e + f * 2.0f;
-  t[4] = e - f * 2.0f;
-  t[5] = d1 * 4.0f + d5 - d3 * 5.0f;
-}
-
-template <typename T>
-inline void OutputTransform4(T m0, T m1, T m2, T m3, T m4, T m5, T (&o)[4]) {
-  const T a = m1 + m2, b = m1 - m2, c = m3 + m4, d = m3 - m4;
-  o[0] = m0 + a + c;
-  o[1] = b + d * 2.0f;
-  o[2] = a + c * 4.0f;
-  o[3] = b + d * 8.0f + m5;
-}
-
 template <int M, typename T, T (*Ld)(const float*), void (*St)(float*, T)>
 inline void TransformInputAt(const float* const* p, int64_t c, float* v, int64_t stride) {
   constexpr int A = M + 2;
-  if constexpr (M == 4) {  // columns, then rows: V = (B^T d) B
-    T t[A][A], col[A], row[A];
-    for (int s = 0; s < A; ++s) {
-      InputTransform4(Ld(p[s] + c), Ld(p[A + s] + c), Ld(p[2 * A + s] + c), Ld(p[3 * A + s] + c),
-                      Ld(p[4 * A + s] + c), Ld(p[5 * A + s] + c), col);
-      for (int r = 0; r < A; ++r) t[r][s] = col[r];
-    }
-    for (int r = 0; r < A; ++r) {
-      InputTransform4(t[r][0], t[r][1], t[r][2], t[r][3], t[r][4], t[r][5], row);
-      for (int s = 0; s < A; ++s) St(v + (r * A + s) * stride + c, row[s]);
-    }
-  } else {
-    T d[A][A], t[A][A], out[A][A];
-    for (int r = 0; r < A; ++r)
-      for (int s = 0; s < A; ++s) d[r][s] = Ld(p[r * A + s] + c);
-    LeftMultiply(Transforms<M>::BT, d, t);
-    RightMultiplyTransposed(t, Transforms<M>::BT, out);
-    for (int r = 0; r < A; ++r)
-      for (int s = 0; s < A; ++s) St(v + (r * A + s) * stride + c, out[r][s]);
-  }
+  T d[A][A], t[A][A], out[A][A];
+  for (int r = 0; r < A; ++r)
+    for (int s = 0; s < A; ++s) d[r][s] = Ld(p[r * A + s] + c);
+  LeftMultiply(Transforms<M>::BT, d, t);
+  RightMultiplyTransposed(t, Transforms<M>::BT, out);
+  for (int r = 0; r < A; ++r)
+    for (int s = 0; s < A; ++s) St(v + (r * A + s) * stride + c, out[r][s]);
 }
 
 // The M x M outputs A^T m A (to q[M r + s]) for m[k] = Mk[k][o..] (`stride` apart), on output channels
@@ -153,26 +118,13 @@ inline void TransformInputAt(const float* const* p, int64_t c, float* v, int64_t
 template <int M, typename T, T (*Ld)(const float*), void (*St)(float*, T)>
 inline void TransformOutputAt(const float* m, int64_t o, int64_t stride, float* const* q) {
   constexpr int A = M + 2;
-  const auto at = [&](int r, int s) { return Ld(m + (r * A + s) * stride + o); };
-  if constexpr (M == 4) {  // columns, then rows: Y = (A^T m) A
-    T t[M][A], col[M], row[M];
-    for (int s = 0; s < A; ++s) {
-      OutputTransform4(at(0, s), at(1, s), at(2, s), at(3, s), at(4, s), at(5, s), col);
-      for (int r = 0; r < M; ++r) t[r][s] = col[r];
-    }
-    for (int r = 0; r < M; ++r) {
-      OutputTransform4(t[r][0], t[r][1], t[r][2], t[r][3], t[r][4], t[r][5], row);
-      for (int s = 0; s < M; ++s) St(q[r * M + s] + o, row[s]);
-    }
-  } else {
-    T x[A][A], t[M][A], out[M][M];
-    for (int r = 0; r < A; ++r)
-      for (int s = 0; s < A; ++s) x[r][s] = at(r, s);
-    LeftMultiply(Transforms<M>::AT, x, t);
-    RightMultiplyTransposed(t, Transforms<M>::AT, out);
-    for (int r = 0; r < M; ++r)
-      for (int s = 0; s < M; ++s) St(q[r * M + s] + o, out[r][s]);
-  }
+  T x[A][A], t[M][A], out[M][M];
+  for (int r = 0; r < A; ++r)
+    for (int s = 0; s < A; ++s) x[r][s] = Ld(m + (r * A + s) * stride + o);
+  LeftMultiply(Transforms<M>::AT, x, t);
+  RightMultiplyTransposed(t, Transforms<M>::AT, out);
+  for (int r = 0; r < M; ++r)
+    for (int s = 0; s < M; ++s) St(q[r * M + s] + o, out[r][s]);
 }
 
 // U[k][i..] = (G g G^T)[k] for g = w[:, :, i] (i = c O + o) on [i, i + sizeof(T)/4); U[k], U[k+1] are

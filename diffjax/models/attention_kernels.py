@@ -109,12 +109,12 @@ def _native(x) -> bool:
   return jnp.dtype(x.dtype) == jnp.float32 and 0 not in x.shape and cpu_kernels.enabled()
 
 
-def _native_forward(q, k, v):
+def _native_forward(q, k, v, vector: bool):
   """Native kernel: ``[B, L, H, D]`` output and ``[B, H, L]`` log-sum-exp."""
   b, l, h, _ = q.shape
   shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, l), jnp.float32))
   call = jax.ffi.ffi_call("DiffjaxAttentionFwd", shapes, vmap_method="sequential")
-  return call(q, k, v, threads=np.int64(cpu_kernels.threads()), vector=np.int64(cpu_kernels.vector_kernels()))
+  return call(q, k, v, threads=np.int64(cpu_kernels.threads()), vector=np.int64(vector))
 
 
 def _rows_forward(q, k, v, block_bytes):
@@ -138,8 +138,11 @@ def _rows_backward(q, k, v, out, lse, g, block_bytes):
 
 
 def _forward_native_layout(q, k, v, block_bytes):
+  # the setting is read here and bound into a new callable: platform_dependent caches the traces of
+  # its branch functions, so one read inside _native_forward would keep the first trace's value
+  native = functools.partial(_native_forward, vector=cpu_kernels.vector_kernels())
   return jax.lax.platform_dependent(
-    q, k, v, cpu=_native_forward, default=functools.partial(_rows_forward, block_bytes=block_bytes)
+    q, k, v, cpu=native, default=functools.partial(_rows_forward, block_bytes=block_bytes)
   )
 
 

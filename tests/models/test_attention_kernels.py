@@ -144,6 +144,7 @@ def test_native_cpu_kernel_matches_the_blocked_xla_kernel(shape, avx512, monkeyp
     f = jax.jit(lambda *a: _vjp(blocked_attention, *a))  # a new function per setting: traced again
     results[setting], texts[setting] = f(q, k, v, g), f.lower(q, k, v, g).compile().as_text()
   assert "DiffjaxAttentionFwd" in texts["native"] and "DiffjaxAttentionBwd" in texts["native"]
+  assert f"vector = {avx512}" in texts["native"]  # the setting reached the kernel (no stale trace)
   assert "DiffjaxAttention" not in texts["xla"]
   for got, want in zip(jax.tree.leaves(results["native"]), jax.tree.leaves(results["xla"])):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
