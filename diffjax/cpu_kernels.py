@@ -10,9 +10,7 @@ by op class). ``diffjax/csrc`` holds C++ custom calls for both:
   (:mod:`diffjax.onednn_dense`);
 * ``winograd_conv.cc``: the 3x3 stride-1 "SAME" convolutions (forward and input gradient) by Winograd's
   F(2x2, 3x3) and F(4x4, 3x3), used by :mod:`diffjax.onednn_conv`;
-* ``dense.cc``: the token dense layers' forward product ``x @ w`` split over threads, used by
-  :mod:`diffjax.onednn_dense`; it shares ``gemm_kernels.h``'s register-blocked products with
-  ``winograd_conv.cc``;
+* ``gemm_kernels.h``: the register-blocked matrix products of ``winograd_conv.cc``;
 * ``group_norm.cc``: GroupNorm (+ SiLU) forward and backward, used by :mod:`diffjax.models.group_norm`;
 * ``attention.cc``: multi-head softmax attention forward and (recomputing) backward, used by
   :mod:`diffjax.models.attention_kernels`;
@@ -53,14 +51,13 @@ __all__ = ["ENV_VAR", "available", "enabled", "library_path", "setting", "thread
 ENV_VAR = "DIFFJAX_CPU_KERNELS"
 CHOICES = ("native", "xla")
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-SOURCES = ("onednn_conv.cc", "winograd_conv.cc", "dense.cc", "group_norm.cc", "attention.cc")
+SOURCES = ("onednn_conv.cc", "winograd_conv.cc", "group_norm.cc", "attention.cc")
 HEADERS = ("workers.h", "fast_exp.h", "gemm_kernels.h")
 TARGETS = (
   "DiffjaxOnednnConvFwd",
   "DiffjaxOnednnConvBwdData",
   "DiffjaxOnednnConvBwdWeights",
   "DiffjaxWinogradConv3x3",
-  "DiffjaxDense",
   "DiffjaxGroupNormFwd",
   "DiffjaxGroupNormBwd",
   "DiffjaxAttentionFwd",

@@ -86,10 +86,10 @@ def winograd_tile(x_shape, w_shape, strides, padding) -> int:
   but F(4x4) rounds more, the more so the more input channels (``experiments/bench_winograd.py``: about
   6e-6 of the output's scale at 32 channels, 9e-6 at 96, against F(2x2)'s 7e-7), and its heavier
   transforms do not pay on small maps. That benchmark's timings set the rule: F(4x4) on maps of at least
-  12x12 with at most 96 input channels (in its committed run 1.5-1.7x the direct kernel's speed at batch
-  64, 1.4-2.0x at batch 16; F(2x2) 1.0-1.5x), F(2x2) on other maps of 8x8 or more (there F(2x2) 1.44x,
-  F(4x4) 1.18x), the direct kernel below (4x4 maps: F(2x2) 0.99x, F(4x4) 1.18x in that run and both
-  slower than direct, 0.76x / 0.63x, in an earlier one).
+  12x12 with at most 96 input channels (in its committed run 1.5-1.8x the direct kernel's speed at batch
+  64, 1.5-2.3x at batch 16; F(2x2) 1.3-1.6x), F(2x2) on other maps of 8x8 or more (there F(2x2) 1.36x,
+  F(4x4) 1.42x), the direct kernel below (4x4 maps: F(2x2) 1.05x, F(4x4) 1.22x in that run, 0.99x /
+  1.18x in the one before, both slower than direct, 0.76x / 0.63x, in an earlier one).
   """
   flag = os.environ.get(WINOGRAD_ENV, "1")
   if flag not in ("0", "1"):

@@ -1,21 +1,15 @@
-"""Dense layers over many token rows on XLA:CPU: a threaded forward product and oneDNN gradients.
+"""Dense layers over many token rows on XLA:CPU whose VJP runs oneDNN 1x1-convolution gradients.
 
 :func:`dot_general` is a drop-in for ``jax.lax.dot_general`` in Flax's ``nn.Dense(dot_general=...)``
-hook (used by :func:`diffjax.models.conv.dense`). On XLA:CPU the products of a dense layer applied to
-``[B, L, C]`` tokens are slow for U-Net sizes: the forward ``x @ w`` and above all the weight gradient
-``x^T dy`` (contracting over all ``B*L`` rows into a small ``[C, O]`` block) run on one thread.
-
-* Forward: diffjax's own product (``csrc/dense.cc``: the rows split over diffjax's workers in blocks of
-  48, each a register-blocked product shared with the Winograd convolution), then Flax's bias add.
-  ``experiments/bench_dense_grad.py`` times it against XLA's dot and against oneDNN's 1x1 convolution
-  (which ran at 0.5-0.9x XLA's speed there, so it is not used for the forward).
-* Backward: the same products are a 1x1 convolution of ``[B, L, 1, C]``, for which oneDNN's kernels
-  (:mod:`diffjax.onednn_conv`, split over the batch by diffjax's workers) are fast: its backward-data
-  and backward-weights primitives run when there are at least :data:`BACKWARD_MIN_ROWS` rows (1.9-2.8x
-  faster than XLA's two dots from 1,024 to 16,384 rows of 64 channels in that benchmark; 0.64x at 256
-  rows), else XLA's dots.
-
-All paths compute the same products: the choice changes speed only.
+hook (used by :func:`diffjax.models.conv.dense`). On XLA:CPU the weight gradient of a dense layer
+applied to ``[B, L, C]`` tokens, ``x^T dy`` contracting over all ``B*L`` rows into a small ``[C, O]``
+block, runs on one thread. The same product is a 1x1 convolution of ``[B, L, 1, C]``, for which oneDNN's
+kernels (:mod:`diffjax.onednn_conv`, split over the batch by diffjax's own workers) are fast. So the
+forward stays XLA's dot plus bias (oneDNN's 1x1 convolution plus the bias ran at 0.5-0.9x its speed in
+``experiments/bench_dense_grad.py``), and the backward runs oneDNN's backward-data and backward-weights
+primitives when there are at least :data:`BACKWARD_MIN_ROWS` rows (1.9-2.8x faster than XLA's two dots
+from 1,024 to 16,384 rows of 64 channels there; 0.64x at 256 rows), else XLA's dots. Both paths compute
+the same products: the choice changes speed only.
 
 Covered: float32 ``inputs[..., L, C] @ kernel[C, O]`` with at least three input dimensions, the
 standard contraction, default precision and :func:`diffjax.cpu_kernels.enabled`; anything else, and
@@ -30,7 +24,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from diffjax import cpu_kernels, onednn_conv
@@ -50,25 +43,14 @@ def _plain(x, w):
   return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
 
-def _native_product(x, w):
-  """``x @ w`` by diffjax's threaded product (``csrc/dense.cc``)."""
-  out = jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[1]), jnp.float32)
-  call = jax.ffi.ffi_call("DiffjaxDense", out, vmap_method="sequential")
-  return call(x, w, threads=np.int64(cpu_kernels.threads()))
-
-
-def _forward(x, w):
-  return lax.platform_dependent(x, w, cpu=_native_product, default=_plain)
-
-
 @jax.custom_vjp
 def dense_product(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-  """``x[..., C] @ w[C, O]`` (``x`` of rank >= 3); forward and VJP by the paths the module docstring names."""
-  return _forward(x, w)
+  """``x[..., C] @ w[C, O]`` (``x`` of rank >= 3) by XLA's dot; its VJP by the path the row count picks."""
+  return _plain(x, w)
 
 
 def _fwd(x, w):
-  return _forward(x, w), (x, w)
+  return dense_product(x, w), (x, w)
 
 
 def _plain_grads(x, w, dy):

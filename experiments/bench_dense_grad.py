@@ -1,9 +1,9 @@
-"""Token dense layers on CPU: XLA's dots vs diffjax's product and oneDNN 1x1 convolutions.
+"""Token dense layers on CPU: XLA's dots vs oneDNN 1x1 convolutions, forward and backward.
 
 The layers are the U-Net attention projections of bench_unet (64 channels in and out) over the token
 counts of its attention levels (4x4, 14x14, 16x16 maps) at training's batch 64 and sampling's batch 16.
-Forward: ``x @ w + b`` by XLA's dot against diffjax's threaded product (``csrc/dense.cc``, what
-``diffjax.onednn_dense`` runs on CPU) and oneDNN's 1x1 convolution, each plus the bias; backward: both gradients by XLA's dots against oneDNN's backward-data and
+Forward: ``x @ w + b`` by XLA's dot (what ``diffjax.onednn_dense`` keeps) against oneDNN's 1x1
+convolution plus the bias; backward: both gradients by XLA's dots against oneDNN's backward-data and
 backward-weights primitives (what ``diffjax.onednn_dense`` runs from ``BACKWARD_MIN_ROWS`` rows). All
 variants of a shape are timed in each round, rounds alternate, ratios are medians of per-round ratios.
 Results: ``experiments/results/bench_dense_grad.{json,md}``.
@@ -66,7 +66,6 @@ def main() -> None:
     dy = jax.random.normal(keys[3], x.shape)
     fns = {
       "forward xla": (jax.jit(lambda x, w, b: onednn_dense._plain(x, w) + b), (x, w, b)),
-      "forward native": (jax.jit(lambda x, w, b: onednn_dense._native_product(x, w) + b), (x, w, b)),
       "forward onednn": (jax.jit(_onednn_forward), (x, w, b)),
       "backward xla": (jax.jit(onednn_dense._plain_grads), (x, w, dy)),
       "backward onednn": (jax.jit(onednn_dense._onednn_grads), (x, w, dy)),
@@ -84,7 +83,6 @@ def main() -> None:
       "tokens": tokens,
       "rows": batch * tokens,
       "ms": {name: float(np.median(t)) * 1e3 for name, t in times.items()},
-      "native_speedup_forward": _median_ratio(times["forward xla"], times["forward native"]),
       "onednn_speedup_forward": _median_ratio(times["forward xla"], times["forward onednn"]),
       "onednn_speedup_backward": _median_ratio(times["backward xla"], times["backward onednn"]),
       "diffjax_backward": "onednn" if batch * tokens >= onednn_dense.BACKWARD_MIN_ROWS else "xla",
@@ -103,26 +101,25 @@ def main() -> None:
     "wall_s": round(time.perf_counter() - t_start, 1),
   }
   lines = [
-    "# bench_dense_grad: token dense layers, XLA's dots vs diffjax's product and oneDNN 1x1 convolutions\n",
+    "# bench_dense_grad: token dense layers, XLA's dots vs oneDNN 1x1 convolutions\n",
     (
       f"`{result['command']}` on {result['machine']}, jax {jax.__version__}; {CHANNELS} -> {CHANNELS} channels; "
       f"{a.rounds} rounds x {a.reps} calls, variants alternating; load average {load0:.1f} at start, "
-      f"{os.getloadavg()[0]:.1f} at end. Speed-up: median over rounds of XLA time / the variant's time. "
-      "Forward includes the bias add; backward computes both gradients. diffjax runs the native forward "
-      f"(csrc/dense.cc) and oneDNN's backward from {onednn_dense.BACKWARD_MIN_ROWS} rows.\n"
+      f"{os.getloadavg()[0]:.1f} at end. Speed-up: median over rounds of XLA time / oneDNN time. Forward "
+      "includes the bias add; backward computes both gradients. diffjax keeps XLA's forward and uses oneDNN's "
+      f"backward from {onednn_dense.BACKWARD_MIN_ROWS} rows.\n"
     ),
     (
-      "| batch x tokens (rows) | forward ms XLA / native / oneDNN | speed-up forward native / oneDNN | "
-      "backward ms XLA / oneDNN | oneDNN speed-up backward | diffjax backward |"
+      "| batch x tokens (rows) | forward ms XLA / oneDNN | oneDNN speed-up forward | backward ms XLA / oneDNN | "
+      "oneDNN speed-up backward | diffjax backward |"
     ),
     "|---|---|---|---|---|---|",
   ]
   for row in rows:
     ms = row["ms"]
     lines.append(
-      f"| {row['batch']} x {row['tokens']} ({row['rows']}) | {ms['forward xla']:.3f} / {ms['forward native']:.3f} / "
-      f"{ms['forward onednn']:.3f} | {row['native_speedup_forward']:.2f}x / {row['onednn_speedup_forward']:.2f}x "
-      f"| {ms['backward xla']:.3f} / {ms['backward onednn']:.3f} | "
+      f"| {row['batch']} x {row['tokens']} ({row['rows']}) | {ms['forward xla']:.3f} / {ms['forward onednn']:.3f} "
+      f"| {row['onednn_speedup_forward']:.2f}x | {ms['backward xla']:.3f} / {ms['backward onednn']:.3f} | "
       f"{row['onednn_speedup_backward']:.2f}x | {row['diffjax_backward']} |"
     )
   write_results("bench_dense_grad", result, "\n".join(lines) + "\n")

@@ -115,8 +115,6 @@ def jax_class(name: str, line: str, bodies: dict[str, str]) -> str:
       return {"OnednnConvFwd": "conv forward", "OnednnConvBwdData": "conv input grad"}.get(
         kernel, "conv weight grad"
       )
-    if kernel == "Dense":  # the token dense layers' forward product (csrc/dense.cc)
-      return "dense"
     return "attention core" if kernel.startswith("Attention") else "group norm"
   conv = re.search(r"convolution\(.*window=\{size=(\d+)x(\d+)", body)
   if conv:
