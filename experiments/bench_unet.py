@@ -517,7 +517,7 @@ def main() -> None:
   ap.add_argument("--train-rounds", type=int, default=7)
   ap.add_argument("--train-steps", type=int, default=1, help="steps per run per round")
   ap.add_argument("--train-warmup", type=int, default=6, help="untimed runs of each side before the rounds")
-  ap.add_argument("--sample-rounds", type=int, default=3)
+  ap.add_argument("--sample-rounds", type=int, default=5)
   ap.add_argument("--torch-ref-threads", type=int, default=1, help="also time torch with N threads; 0: off")
   ap.add_argument("--no-memory", action="store_true")
   ap.add_argument("--default-malloc", action="store_true", help="keep glibc's default mmap/trim settings")
