@@ -58,6 +58,7 @@ TARGETS = (
   "DiffjaxOnednnConvBwdData",
   "DiffjaxOnednnConvBwdWeights",
   "DiffjaxWinogradConv3x3",
+  "DiffjaxWinogradWeights",
   "DiffjaxGroupNormFwd",
   "DiffjaxGroupNormBwd",
   "DiffjaxAttentionFwd",

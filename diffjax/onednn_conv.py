@@ -8,9 +8,9 @@ The path is chosen per platform inside the computation (``jax.lax.platform_depen
 TPU the same function lowers to XLA's convolution. The VJP calls oneDNN's backward-data and
 backward-weights primitives on CPU (XLA's transposed convolutions elsewhere). The U-Net's 3x3
 stride-1 "SAME" convolutions (forward and input gradient) run Winograd's F(4x4, 3x3) or F(2x2, 3x3)
-instead (:func:`winograd_tile`; 4x or 2.25x fewer multiply-adds than the
-direct method). Forward and gradients
-equal XLA's to 1e-5 (``tests/test_onednn_conv.py``).
+instead (:func:`winograd_tile`; 4x or 2.25x fewer multiply-adds than the direct method), with the
+kernel transform a call of its own (:func:`winograd_weights`) that XLA hoists out of sampling loops.
+Forward and gradients equal XLA's to 1e-5 (``tests/test_onednn_conv.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,14 @@ from jax import lax
 
 from diffjax import cpu_kernels
 
-__all__ = ["WINOGRAD_ENV", "conv2d_nhwc", "conv_general_dilated", "winograd_tile"]
+__all__ = [
+  "WINOGRAD_ENV",
+  "conv2d_nhwc",
+  "conv_general_dilated",
+  "winograd_conv",
+  "winograd_tile",
+  "winograd_weights",
+]
 
 WINOGRAD_ENV = "DIFFJAX_CPU_WINOGRAD"
 
@@ -81,15 +88,17 @@ def winograd_tile(x_shape, w_shape, strides, padding) -> int:
 
   Winograd (``csrc/winograd_conv.cc``) takes 3x3 kernels with stride 1 and padding 1 (the U-Net's
   "SAME" convolutions) whose output channels are a multiple of 16 (the vector width of its matrix
-  products) on maps of at least 64 positions, unless ``DIFFJAX_CPU_WINOGRAD=0``; everything else runs
+  products) on maps of at least 16 positions, unless ``DIFFJAX_CPU_WINOGRAD=0``; everything else runs
   oneDNN's direct convolution. F(4x4) takes 4x fewer multiply-adds than the direct method, F(2x2) 2.25x,
   but F(4x4) rounds more, the more so the more input channels (``experiments/bench_winograd.py``: about
-  6e-6 of the output's scale at 32 channels, 9e-6 at 96, against F(2x2)'s 7e-7), and its heavier
-  transforms do not pay on small maps. That benchmark's timings set the rule: F(4x4) on maps of at least
-  12x12 with at most 96 input channels (in its committed run 1.5-1.8x the direct kernel's speed at batch
-  64, 1.5-2.3x at batch 16; F(2x2) 1.3-1.6x), F(2x2) on other maps of 8x8 or more (there F(2x2) 1.36x,
-  F(4x4) 1.42x), the direct kernel below (4x4 maps: F(2x2) 1.05x, F(4x4) 1.22x in that run, 0.99x /
-  1.18x in the one before, both slower than direct, 0.76x / 0.63x, in an earlier one).
+  5e-6 of the output's scale at 32 channels, 9e-6 at 96, against F(2x2)'s 7e-7), and its heavier
+  transforms and 2.25x larger transformed kernel pay less on small maps. That benchmark sets the rule:
+  F(4x4) on maps of at least 12x12 with at most 96 input channels (in its committed run 1.7-2.2x the
+  direct kernel's speed per call, F(2x2) 1.3-1.7x), F(2x2) on smaller maps down to 4x4 (there, per call
+  at batch 16: F(2x2) 1.4-1.6x on 8x8 maps, 0.6-1.0x on 4x4 maps; with the transformed kernel computed
+  before a sampling loop: 1.5-1.6x and 1.35-1.5x). In its timing of the whole 8x8x1 sampler, the
+  alternatives for the small maps (direct or F(4x4) on 4x4 maps, F(4x4) on 8x8 maps) were within
+  0.98-1.00x of this rule.
   """
   flag = os.environ.get(WINOGRAD_ENV, "1")
   if flag not in ("0", "1"):
@@ -103,17 +112,40 @@ def winograd_tile(x_shape, w_shape, strides, padding) -> int:
     or tuple(strides) != (1, 1)
     or tuple(map(tuple, padding)) != _SAME_3X3
     or w_shape[3] % 16 != 0
-    or h * w < 64
+    or h * w < 16
   ):
     return 0
   return 4 if min(h, w) >= 12 and c <= 96 else 2
 
 
-def _winograd(x, w, tile: int):
-  out = jax.ShapeDtypeStruct((*x.shape[:3], w.shape[3]), jnp.float32)
+WINOGRAD_WEIGHTS_TARGET = "DiffjaxWinogradWeights"
+
+
+def winograd_weights(w, tile: int):
+  """The transformed kernel ``u[a, a, C, O] = G w G^T`` (a = tile + 2) the Winograd kernel consumes; CPU.
+
+  Its own custom call rather than part of the convolution's: when ``w`` does not change inside a loop
+  (the weights in a sampler's ``fori_loop``), XLA's loop-invariant code motion runs it once before the
+  loop instead of once per step and layer (``experiments/bench_winograd.py`` times both ways).
+  """
+  if tile not in (2, 4):
+    raise ValueError(f"tile must be 2 or 4, got {tile!r}")
+  if jnp.ndim(w) != 4 or tuple(w.shape[:2]) != (3, 3):
+    raise ValueError(f"w must be [3, 3, C, O], got shape {jnp.shape(w)}")
+  out = jax.ShapeDtypeStruct((tile + 2, tile + 2, *w.shape[2:]), jnp.float32)
+  return jax.ffi.ffi_call(WINOGRAD_WEIGHTS_TARGET, out, vmap_method="sequential")(w, tile=np.int64(tile))
+
+
+def winograd_conv(x, u, tile: int):
+  """The Winograd custom call on pre-transformed weights ``u`` (:func:`winograd_weights`); CPU only."""
+  out = jax.ShapeDtypeStruct((*x.shape[:3], u.shape[3]), jnp.float32)
   return jax.ffi.ffi_call(WINOGRAD_TARGET, out, vmap_method="sequential")(
-    x, w, tile=np.int64(tile), threads=np.int64(cpu_kernels.threads())
+    x, u, tile=np.int64(tile), threads=np.int64(cpu_kernels.threads())
   )
+
+
+def _winograd(x, w, tile: int):
+  return winograd_conv(x, winograd_weights(w, tile), tile)
 
 
 def _forward(x, w, strides, padding):

@@ -8,7 +8,13 @@ import pytest
 
 from diffjax import cpu_kernels
 from diffjax.models.conv import conv
-from diffjax.onednn_conv import WINOGRAD_ENV, conv_general_dilated, winograd_tile
+from diffjax.onednn_conv import (
+  WINOGRAD_ENV,
+  conv_general_dilated,
+  winograd_conv,
+  winograd_tile,
+  winograd_weights,
+)
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason=f"{cpu_kernels.unavailable_reason()}")
 
@@ -144,6 +150,7 @@ def test_bad_arguments_are_named(x_shape, w_shape, strides, padding, match):
     (2, (16, 20), 96, 32),  # F(4x4): the most input channels it takes
     (3, (13, 16), 40, 16),  # F(4x4) forward with a partial tile row; input gradient by oneDNN (40 channels)
     (1, (28, 28), 17, 64),  # F(4x4) with a scalar channel tail
+    (3, (4, 4), 128, 64),  # F(2x2) on the smallest map it takes (the 8x8 U-Net's up block)
   ],
 )
 def test_winograd_forward_and_input_gradient_match_xla(batch, hw, cin, cout):
@@ -171,7 +178,8 @@ def test_winograd_tile():
   assert tile(28, 28, 96) == tile(14, 14, 64) == tile(12, 40, 3) == 4
   assert tile(8, 8, 32) == tile(10, 40, 32) == 2  # small side: F(2x2)
   assert tile(28, 28, 128) == 2  # F(4x4) rounding grows with the channels
-  assert tile(4, 4, 64) == tile(4, 15, 64) == 0  # under 64 positions: the direct kernel
+  assert tile(4, 4, 128) == tile(2, 8, 64) == 2
+  assert tile(3, 5, 64) == tile(1, 15, 64) == 0  # under 16 positions: the direct kernel
   assert tile(28, 28, 32, o=24) == 0  # output channels not a multiple of 16
   assert winograd_tile((2, 8, 8, 8), (3, 3, 8, 16), (2, 2), pads) == 0
   assert winograd_tile((2, 8, 8, 8), (3, 3, 8, 16), (1, 1), ((0, 0), (0, 0))) == 0
@@ -191,3 +199,61 @@ def test_winograd_switch(monkeypatch):
   monkeypatch.setenv(WINOGRAD_ENV, "yes")
   with pytest.raises(ValueError, match=WINOGRAD_ENV):
     winograd_tile((2, 6, 6, 8), (3, 3, 8, 16), (1, 1), pads)
+
+
+# Lavin & Gray's kernel transforms G (arXiv:1509.09308), for the closed-form check of winograd_weights.
+_G = {
+  2: np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]]),
+  4: np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+               [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("tile, cin, cout", [(2, 5, 16), (4, 3, 33)])
+def test_winograd_weights_are_g_w_gt_and_feed_the_convolution(tile, cin, cout):
+  w = jax.random.normal(jax.random.key(4), (3, 3, cin, cout))
+  u = jax.jit(lambda k: winograd_weights(k, tile))(w)
+  want = np.einsum("ar,rsco,bs->abco", _G[tile], np.asarray(w, np.float64), _G[tile])
+  np.testing.assert_allclose(np.asarray(u), want, atol=1e-6, rtol=0)
+  x = jax.random.normal(jax.random.key(5), (2, 9, 7, cin))
+  y = jax.jit(lambda a, b: winograd_conv(a, b, tile))(x, u)
+  ref = _reference(x, w, (1, 1), ((1, 1), (1, 1)))
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=1e-5 * float(jnp.max(jnp.abs(ref))), rtol=0)
+
+
+def test_winograd_weights_bad_arguments_are_named():
+  with pytest.raises(ValueError, match="tile"):
+    winograd_weights(jnp.ones((3, 3, 4, 16)), 3)
+  with pytest.raises(ValueError, match="w must be"):
+    winograd_weights(jnp.ones((5, 5, 4, 16)), 2)
+
+
+def _computations(hlo: str) -> dict[str, str]:
+  """HLO text by computation: name -> its body."""
+  out = {}
+  for block in hlo.split("\n\n"):
+    head = block.strip().split("\n", 1)[0]
+    if "{" in head and "(" in head:
+      out[head.split(" (", 1)[0].removeprefix("ENTRY ").lstrip("%")] = block
+  return out
+
+
+def test_winograd_kernel_transform_is_hoisted_out_of_a_loop():
+  """In a loop over fixed weights (a sampler's), XLA runs the kernel transform once, before the loop."""
+  x = jax.random.normal(jax.random.key(6), (2, 8, 8, 16))
+  w = jax.random.normal(jax.random.key(7), (3, 3, 16, 16)) / 12.0
+  step = lambda a, k: conv_general_dilated(a, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN)
+
+  def loop(a, k, n):
+    return jax.lax.fori_loop(0, n, lambda i, a: step(a, k), a)
+
+  compiled = jax.jit(loop).lower(x, w, jnp.int32(3)).compile()
+  bodies = _computations(compiled.as_text())
+  with_conv = [b for b in bodies.values() if "DiffjaxWinogradConv3x3" in b]
+  with_transform = [b for b in bodies.values() if "DiffjaxWinogradWeights" in b]
+  assert len(with_conv) == 1 and len(with_transform) == 1 and with_conv != with_transform
+  assert "ENTRY" in with_transform[0]
+  want = x
+  for _ in range(3):
+    want = _reference(want, w, (1, 1), ((1, 1), (1, 1)))
+  np.testing.assert_allclose(np.asarray(compiled(x, w, jnp.int32(3))), np.asarray(want), atol=1e-5)

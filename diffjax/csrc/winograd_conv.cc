@@ -2,8 +2,13 @@
 // by Winograd's minimal filtering F(m x m, 3x3), m = 2 or 4 (Lavin & Gray 2016, "Fast Algorithms for
 // Convolutional Neural Networks", arXiv:1509.09308; the transform matrices are theirs).
 //
-//   DiffjaxWinogradConv3x3  (x[N,H,W,C], w[3,3,C,O])  -> y[N,H,W,O]        Attributes: tile (m), threads.
+//   DiffjaxWinogradConv3x3  (x[N,H,W,C], u[a,a,C,O])  -> y[N,H,W,O]        Attributes: tile (m), threads.
 //
+//   DiffjaxWinogradWeights  (w[3,3,C,O])              -> u[a,a,C,O]         Attribute: tile (m).
+//
+// The kernel transform u = G g G^T (a = m + 2) is its own call: inside a sampling loop the weights do
+// not change, and XLA's loop-invariant code motion then runs it once before the loop instead of once
+// per step and layer (diffjax/onednn_conv.py's winograd_weights).
 // Each m x m output tile is A^T [ (G g G^T) . (B^T d B) ] A over its a x a input patch d, a = m + 2 (rows
 // m ty - 1 .. m ty + m, likewise the columns, zero outside the image): a^2 products per input/output
 // channel pair for m^2 outputs instead of the direct method's 9 m^2, i.e. 2.25x (m = 2) or 4x (m = 4)
@@ -213,10 +218,8 @@ void RunBlock(const Geometry& g, const float* x, const float* u, float* y, int64
 }
 
 template <int M>
-void Run(const Geometry& g, const float* x, const float* w, float* y, int64_t threads) {
+void Run(const Geometry& g, const float* x, const float* u, float* y, int64_t threads) {
   constexpr int A = M + 2;
-  std::unique_ptr<float[]> u(new float[A * A * g.c * g.o]);  // every element written here
-  TransformWeights<M>(w, g.c, g.o, u.get());
   // each chunk takes an equal share of the tiles, in blocks of at most kBlock
   const int64_t tiles = g.Tiles(), blocks = (tiles + kBlock - 1) / kBlock;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
@@ -227,32 +230,49 @@ void Run(const Geometry& g, const float* x, const float* w, float* y, int64_t th
     std::unique_ptr<float[]> sink(new float[M * M * g.o]);
     const int64_t end = tiles * (i + 1) / chunks;
     for (int64_t t0 = tiles * i / chunks; t0 < end; t0 += kBlock) {
-      RunBlock<M>(g, x, u.get(), y, t0, std::min(end, t0 + kBlock), zeros.data(), sink.get(), v.get(), m.get());
+      RunBlock<M>(g, x, u, y, t0, std::min(end, t0 + kBlock), zeros.data(), sink.get(), v.get(), m.get());
     }
   };
   diffjax::Pool().Run(static_cast<int>(chunks), fn);
 }
 
-ffi::Error WinogradConv3x3(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
+ffi::Error WinogradConv3x3(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u, ffi::ResultBuffer<ffi::F32> y,
                            int64_t tile, int64_t threads) {
-  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4)
-    return ffi::Error::InvalidArgument("x, w and y must be rank 4 (NHWC, HWIO, NHWC)");
-  if (wd[0] != 3 || wd[1] != 3 || wd[2] != xd[3])
-    return ffi::Error::InvalidArgument("w must be [3, 3, C, O] with C the channels of x");
-  if (yd[0] != xd[0] || yd[1] != xd[1] || yd[2] != xd[2] || yd[3] != wd[3])
-    return ffi::Error::InvalidArgument("y must be [N, H, W, O] for x [N, H, W, C] and w [3, 3, C, O]");
+  const auto xd = x.dimensions(), wd = u.dimensions(), yd = y->dimensions();
   if (tile != 2 && tile != 4) return ffi::Error::InvalidArgument("tile must be 2 or 4");
+  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4)
+    return ffi::Error::InvalidArgument("x, u and y must be rank 4 (NHWC, [a, a, C, O], NHWC)");
+  if (wd[0] != tile + 2 || wd[1] != tile + 2 || wd[2] != xd[3])
+    return ffi::Error::InvalidArgument("u must be [tile + 2, tile + 2, C, O] with C the channels of x");
+  if (yd[0] != xd[0] || yd[1] != xd[1] || yd[2] != xd[2] || yd[3] != wd[3])
+    return ffi::Error::InvalidArgument("y must be [N, H, W, O] for x [N, H, W, C] and u [a, a, C, O]");
   const Geometry g{xd[0], xd[1], xd[2], xd[3], wd[3], (xd[1] + tile - 1) / tile, (xd[2] + tile - 1) / tile};
   if (tile == 2) {
-    Run<2>(g, x.typed_data(), w.typed_data(), y->typed_data(), threads);
+    Run<2>(g, x.typed_data(), u.typed_data(), y->typed_data(), threads);
   } else {
-    Run<4>(g, x.typed_data(), w.typed_data(), y->typed_data(), threads);
+    Run<4>(g, x.typed_data(), u.typed_data(), y->typed_data(), threads);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error WinogradWeights(ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> u, int64_t tile) {
+  const auto wd = w.dimensions(), ud = u->dimensions();
+  if (tile != 2 && tile != 4) return ffi::Error::InvalidArgument("tile must be 2 or 4");
+  if (wd.size() != 4 || wd[0] != 3 || wd[1] != 3) return ffi::Error::InvalidArgument("w must be [3, 3, C, O]");
+  if (ud.size() != 4 || ud[0] != tile + 2 || ud[1] != tile + 2 || ud[2] != wd[2] || ud[3] != wd[3])
+    return ffi::Error::InvalidArgument("u must be [tile + 2, tile + 2, C, O] for w [3, 3, C, O]");
+  if (tile == 2) {
+    TransformWeights<2>(w.typed_data(), wd[2], wd[3], u->typed_data());
+  } else {
+    TransformWeights<4>(w.typed_data(), wd[2], wd[3], u->typed_data());
   }
   return ffi::Error::Success();
 }
 
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffjaxWinogradWeights, WinogradWeights,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>().Attr<int64_t>("tile"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DiffjaxWinogradConv3x3, WinogradConv3x3,
                               ffi::Ffi::Bind()
