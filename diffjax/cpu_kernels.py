@@ -17,7 +17,8 @@ by op class). ``diffjax/csrc`` holds C++ custom calls for both:
 * ``fast_exp.h``: an exp that GCC inlines and vectorises (and a 16-lane AVX-512 one), for the softmax
   and SiLU loops;
 * ``workers.h``: the threads both split their batch over (not OpenMP, whose spinning workers would
-  compete with XLA's threads and whose runtime PyTorch shares when loaded in the same process).
+  compete with XLA's threads and whose runtime PyTorch shares when loaded in the same process); they
+  spin for :func:`spin_us` microseconds after a call before they sleep.
 
 This module compiles them with the system C++ compiler (``CXX``, else ``g++``) against oneDNN (the
 ``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp`` wheels, or ``DIFFJAX_ONEDNN_ROOT`` holding ``lib/``
@@ -46,7 +47,17 @@ import threading
 
 import jax
 
-__all__ = ["ENV_VAR", "available", "enabled", "library_path", "setting", "threads", "unavailable_reason"]
+__all__ = [
+  "ENV_VAR",
+  "SPIN_ENV",
+  "available",
+  "enabled",
+  "library_path",
+  "setting",
+  "spin_us",
+  "threads",
+  "unavailable_reason",
+]
 
 ENV_VAR = "DIFFJAX_CPU_KERNELS"
 CHOICES = ("native", "xla")
@@ -192,6 +203,7 @@ def enabled(environ=os.environ) -> bool:
   """
   if setting(environ) != "native":
     return False
+  spin_us(environ)  # a malformed value fails here, by name, not silently in the library
   if available():
     return True
   if environ.get(ENV_VAR):
@@ -211,6 +223,26 @@ def vector_kernels(environ=os.environ) -> bool:
   if value not in ("0", "1"):
     raise ValueError(f"DIFFJAX_CPU_AVX512={value!r}: expected 0 or 1")
   return value == "1"
+
+
+SPIN_ENV = "DIFFJAX_CPU_SPIN_US"
+DEFAULT_SPIN_US = 200  # csrc/workers.h's kDefaultSpinUs
+
+
+def spin_us(environ=os.environ) -> int:
+  """How long the kernels' worker threads spin for the next call before sleeping: ``DIFFJAX_CPU_SPIN_US``.
+
+  Microseconds, 0 to 100000 (default 200). The library reads the variable at each call. A sampling step
+  makes about 90 custom calls with XLA's own ops between them; workers that sleep after each call pay a
+  futex wake-up per call. ``experiments/bench_worker_spin.py`` times the setting (0, 50, 200, 1000) on
+  bench_unet's sampler and training step.
+  """
+  value = environ.get(SPIN_ENV, "").strip()
+  if not value:
+    return DEFAULT_SPIN_US
+  if not value.isdigit() or int(value) > 100000:
+    raise ValueError(f"{SPIN_ENV}={value!r}: expected microseconds from 0 to 100000")
+  return int(value)
 
 
 def threads(environ=os.environ) -> int:

@@ -1,7 +1,9 @@
 """Token dense layers on CPU: XLA's dots vs oneDNN 1x1 convolutions, forward and backward.
 
 The layers are the U-Net attention projections of bench_unet (64 channels in and out) over the token
-counts of its attention levels (4x4, 14x14, 16x16 maps) at training's batch 64 and sampling's batch 16.
+counts of its attention levels (4x4, 14x14, 16x16 maps) at training's batch 64 and sampling's batch 16,
+and its ResNet blocks' 1x1 shortcut convolutions (the same product over pixels; 128 -> 64 and 96 -> 32
+channels on 4x4, 8x8, 14x14 and 28x28 maps), whose forward ``diffjax.onednn_conv`` runs as XLA's dot.
 Forward: ``x @ w + b`` by XLA's dot (what ``diffjax.onednn_dense`` keeps) against oneDNN's 1x1
 convolution plus the bias; backward: both gradients by XLA's dots against oneDNN's backward-data and
 backward-weights primitives (what ``diffjax.onednn_dense`` runs from ``BACKWARD_MIN_ROWS`` rows). All
@@ -30,17 +32,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_winograd import _time
 from trained_run import machine, write_results
 
-from diffjax import cpu_kernels, onednn_dense
-from diffjax.onednn_conv import conv2d_nhwc
+from diffjax import cpu_kernels, onednn_conv, onednn_dense
 
-SHAPES = ((64, 16), (64, 196), (64, 256), (16, 16), (16, 196), (16, 256))  # (batch, tokens)
-CHANNELS = 64
+SHAPES = (  # (batch, tokens, channels in, out)
+  (64, 16, 64, 64),
+  (64, 196, 64, 64),
+  (64, 256, 64, 64),
+  (16, 16, 64, 64),
+  (16, 196, 64, 64),
+  (16, 256, 64, 64),
+  (16, 16, 128, 64),  # shortcuts: sampling at 8x8x1 (4x4 and 8x8 maps)
+  (16, 64, 96, 32),
+  (64, 64, 96, 32),  # training at 8x8x1
+  (16, 196, 128, 64),  # sampling at 28x28x1 (14x14 and 28x28 maps)
+  (16, 784, 96, 32),
+)
 VALID = ((0, 0), (0, 0))
 
 
 def _onednn_forward(x, w, b):
-  y = conv2d_nhwc(x[:, :, None, :], w[None, None], (1, 1), VALID)
-  return y[:, :, 0, :] + b
+  """oneDNN's forward 1x1 convolution (called directly: diffjax's own 1x1 forward is XLA's dot)."""
+  out = (x.shape[0], x.shape[1], 1, w.shape[1])
+  return onednn_conv._call("fwd", out, x[:, :, None, :], w[None, None], (1, 1), VALID)[:, :, 0, :] + b
 
 
 def _median_ratio(num: list, den: list) -> float:
@@ -58,12 +71,12 @@ def main() -> None:
     raise SystemExit(f"diffjax's CPU kernels are unavailable: {cpu_kernels.unavailable_reason()}")
   t_start, load0 = time.perf_counter(), os.getloadavg()[0]
   rows = []
-  for batch, tokens in SHAPES:
+  for batch, tokens, cin, cout in SHAPES:
     keys = jax.random.split(jax.random.key(0), 4)
-    x = jax.random.normal(keys[0], (batch, tokens, CHANNELS))
-    w = jax.random.normal(keys[1], (CHANNELS, CHANNELS)) / np.sqrt(CHANNELS)
-    b = jax.random.normal(keys[2], (CHANNELS,))
-    dy = jax.random.normal(keys[3], x.shape)
+    x = jax.random.normal(keys[0], (batch, tokens, cin))
+    w = jax.random.normal(keys[1], (cin, cout)) / np.sqrt(cin)
+    b = jax.random.normal(keys[2], (cout,))
+    dy = jax.random.normal(keys[3], (batch, tokens, cout))
     fns = {
       "forward xla": (jax.jit(lambda x, w, b: onednn_dense._plain(x, w) + b), (x, w, b)),
       "forward onednn": (jax.jit(_onednn_forward), (x, w, b)),
@@ -81,6 +94,7 @@ def main() -> None:
     row = {
       "batch": batch,
       "tokens": tokens,
+      "channels": [cin, cout],
       "rows": batch * tokens,
       "ms": {name: float(np.median(t)) * 1e3 for name, t in times.items()},
       "onednn_speedup_forward": _median_ratio(times["forward xla"], times["forward onednn"]),
@@ -93,7 +107,6 @@ def main() -> None:
     "command": "python " + " ".join(["experiments/bench_dense_grad.py", *sys.argv[1:]]),
     "machine": machine(),
     "jax": jax.__version__,
-    "channels": CHANNELS,
     "rounds": a.rounds,
     "reps": a.reps,
     "load_average_start_end": [load0, os.getloadavg()[0]],
@@ -103,14 +116,15 @@ def main() -> None:
   lines = [
     "# bench_dense_grad: token dense layers, XLA's dots vs oneDNN 1x1 convolutions\n",
     (
-      f"`{result['command']}` on {result['machine']}, jax {jax.__version__}; {CHANNELS} -> {CHANNELS} channels; "
+      f"`{result['command']}` on {result['machine']}, jax {jax.__version__}; "
       f"{a.rounds} rounds x {a.reps} calls, variants alternating; load average {load0:.1f} at start, "
       f"{os.getloadavg()[0]:.1f} at end. Speed-up: median over rounds of XLA time / oneDNN time. Forward "
-      "includes the bias add; backward computes both gradients. diffjax keeps XLA's forward and uses oneDNN's "
-      f"backward from {onednn_dense.BACKWARD_MIN_ROWS} rows.\n"
+      "includes the bias add; backward computes both gradients. diffjax keeps XLA's forward (dense layers and "
+      f"1x1 convolutions) and uses oneDNN's backward from {onednn_dense.BACKWARD_MIN_ROWS} rows (dense layers; "
+      "1x1 convolutions always).\n"
     ),
     (
-      "| batch x tokens (rows) | forward ms XLA / oneDNN | oneDNN speed-up forward | backward ms XLA / oneDNN | "
+      "| batch x tokens (rows), channels | forward ms XLA / oneDNN | oneDNN speed-up forward | backward ms XLA / oneDNN | "
       "oneDNN speed-up backward | diffjax backward |"
     ),
     "|---|---|---|---|---|---|",
@@ -118,7 +132,7 @@ def main() -> None:
   for row in rows:
     ms = row["ms"]
     lines.append(
-      f"| {row['batch']} x {row['tokens']} ({row['rows']}) | {ms['forward xla']:.3f} / {ms['forward onednn']:.3f} "
+      f"| {row['batch']} x {row['tokens']} ({row['rows']}), {row['channels'][0]} -> {row['channels'][1]} | {ms['forward xla']:.3f} / {ms['forward onednn']:.3f} "
       f"| {row['onednn_speedup_forward']:.2f}x | {ms['backward xla']:.3f} / {ms['backward onednn']:.3f} | "
       f"{row['onednn_speedup_backward']:.2f}x | {row['diffjax_backward']} |"
     )

@@ -1,8 +1,10 @@
 // The worker threads diffjax's CPU custom calls split their batch over (onednn_conv.cc, group_norm.cc,
 // attention.cc). One call's chunks run at a time: chunk 0 on the calling (XLA) thread, the others on
-// these workers. Waiting spins for a few tens of microseconds before sleeping on a condition variable:
-// a U-Net step makes calls back to back (about 60 per sampling step), and a futex wake-up per call cost
-// more than the small sampling-batch kernels themselves.
+// these workers. Waiting spins before sleeping on a condition variable, for DIFFJAX_CPU_SPIN_US
+// microseconds (default kDefaultSpinUs, read at each call; diffjax/cpu_kernels.py validates it): a U-Net
+// step makes calls back to back (about 90 per sampling step) with XLA's own ops of tens to hundreds of
+// microseconds between them, and a futex wake-up per call cost more than the small sampling-batch
+// kernels themselves (experiments/bench_worker_spin.py times the setting).
 #ifndef DIFFJAX_CSRC_WORKERS_H_
 #define DIFFJAX_CSRC_WORKERS_H_
 
@@ -13,6 +15,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -20,6 +23,17 @@
 #include <vector>
 
 namespace diffjax {
+
+constexpr int kDefaultSpinUs = 200;
+
+// DIFFJAX_CPU_SPIN_US as a number of microseconds in [0, 100000]; the default when unset or malformed.
+inline int SpinSettingUs() {
+  const char* value = std::getenv("DIFFJAX_CPU_SPIN_US");
+  if (value == nullptr || *value == '\0') return kDefaultSpinUs;
+  char* end = nullptr;
+  const long us = std::strtol(value, &end, 10);
+  return (*end != '\0' || us < 0 || us > 100000) ? kDefaultSpinUs : static_cast<int>(us);
+}
 
 class Workers {
  public:
@@ -30,6 +44,7 @@ class Workers {
       return;
     }
     std::lock_guard<std::mutex> call(call_mutex_);  // one call's chunks at a time
+    spin_us_.store(SpinSettingUs(), std::memory_order_relaxed);
     Grow(n - 1);
     auto job = std::make_shared<Job>(&fn, n);
     {
@@ -57,14 +72,15 @@ class Workers {
     std::atomic<int> pending;
   };
 
-  // Spins (with pause) up to ~50 microseconds for `ready`; true if it became ready.
+  // Spins (with pause) up to spin_us_ microseconds for `ready`; true if it became ready.
   template <typename F>
-  static bool SpinUntil(F ready) {
+  bool SpinUntil(F ready) const {
     const auto start = std::chrono::steady_clock::now();
+    const auto limit = std::chrono::microseconds(spin_us_.load(std::memory_order_relaxed));
     for (int i = 0;; ++i) {
       if (ready()) return true;
       _mm_pause();
-      if ((i & 255) == 255 && std::chrono::steady_clock::now() - start > std::chrono::microseconds(50)) return ready();
+      if ((i & 255) == 255 && std::chrono::steady_clock::now() - start > limit) return ready();
     }
   }
 
@@ -105,6 +121,7 @@ class Workers {
   std::vector<std::thread> threads_;
   std::shared_ptr<Job> job_;
   std::atomic<uint64_t> generation_{0};
+  std::atomic<int> spin_us_{kDefaultSpinUs};
 };
 
 inline Workers& Pool() {
