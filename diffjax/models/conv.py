@@ -3,8 +3,9 @@ the products of :mod:`diffjax.onednn_conv` and :mod:`diffjax.onednn_dense`.
 
 Parameters (``kernel`` HWIO / ``[C, O]``, ``bias``) and results are those of ``nn.Conv`` / ``nn.Dense``;
 only the product is replaced, through Flax's ``conv_general_dilated`` / ``dot_general`` hooks, by one
-that runs oneDNN's kernels on XLA:CPU and XLA's own ops on other backends or for the cases oneDNN does
-not cover.
+that runs diffjax's native kernels on XLA:CPU where they pay (convolutions: Winograd or oneDNN forward,
+oneDNN gradients, XLA's dot for the 1x1 forward; dense layers: XLA's dot forward, oneDNN gradients
+over many rows) and XLA's own ops on other backends or for the cases they do not cover.
 """
 
 from __future__ import annotations
