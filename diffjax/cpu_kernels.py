@@ -10,7 +10,9 @@ by op class). ``diffjax/csrc`` holds C++ custom calls for both:
   (:mod:`diffjax.onednn_dense`);
 * ``winograd_conv.cc``: the 3x3 stride-1 "SAME" convolutions (forward and input gradient) by Winograd's
   F(2x2, 3x3) and F(4x4, 3x3), used by :mod:`diffjax.onednn_conv`;
-* ``gemm_kernels.h``: the register-blocked matrix products of ``winograd_conv.cc``;
+* ``dense.cc``: the token dense layers' and 1x1 convolutions' forward ``x @ w + b``, rows split over
+  threads, the bias inside the product (:mod:`diffjax.onednn_dense`, :mod:`diffjax.onednn_conv`);
+* ``gemm_kernels.h``: the register-blocked matrix products of ``winograd_conv.cc`` and ``dense.cc``;
 * ``group_norm.cc``: GroupNorm (+ SiLU) forward and backward, used by :mod:`diffjax.models.group_norm`;
 * ``attention.cc``: multi-head softmax attention forward and (recomputing) backward, used by
   :mod:`diffjax.models.attention_kernels`;
@@ -62,7 +64,7 @@ __all__ = [
 ENV_VAR = "DIFFJAX_CPU_KERNELS"
 CHOICES = ("native", "xla")
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-SOURCES = ("onednn_conv.cc", "winograd_conv.cc", "group_norm.cc", "attention.cc")
+SOURCES = ("onednn_conv.cc", "winograd_conv.cc", "dense.cc", "group_norm.cc", "attention.cc")
 HEADERS = ("workers.h", "fast_exp.h", "gemm_kernels.h")
 TARGETS = (
   "DiffjaxOnednnConvFwd",
@@ -70,6 +72,7 @@ TARGETS = (
   "DiffjaxOnednnConvBwdWeights",
   "DiffjaxWinogradConv3x3",
   "DiffjaxWinogradWeights",
+  "DiffjaxDense",
   "DiffjaxGroupNormFwd",
   "DiffjaxGroupNormBwd",
   "DiffjaxAttentionFwd",

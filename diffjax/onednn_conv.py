@@ -10,7 +10,7 @@ backward-weights primitives on CPU (XLA's transposed convolutions elsewhere). Th
 stride-1 "SAME" convolutions (forward and input gradient) run Winograd's F(4x4, 3x3) or F(2x2, 3x3)
 instead (:func:`winograd_tile`; 4x or 2.25x fewer multiply-adds than the direct method), with the
 kernel transform a call of its own (:func:`winograd_weights`) that XLA hoists out of sampling loops.
-1x1 stride-1 convolutions without padding run their forward as XLA's dot (faster than oneDNN's there).
+1x1 stride-1 convolutions without padding run their forward as the native dense product (``csrc/dense.cc``).
 Forward and gradients equal XLA's to 1e-5 (``tests/test_onednn_conv.py``).
 """
 
@@ -155,10 +155,15 @@ def _is_pointwise(w_shape, strides, padding) -> bool:
   return tuple(w_shape[:2]) == (1, 1) and tuple(strides) == (1, 1) and tuple(map(tuple, padding)) == _VALID
 
 
-def _pointwise(x, w):
-  """The forward of a 1x1 convolution by XLA's dot: ``experiments/bench_dense_grad.py`` times oneDNN's 1x1
-  forward plus bias at 0.15-1.0x XLA's dot plus bias (the U-Net's shortcut and projection shapes)."""
-  return lax.dot_general(x, w[0, 0], (((3,), (0,)), ((), ())))
+def _pointwise(x, w, threads: int):
+  """The forward of a 1x1 convolution as a dense layer over the pixels by ``csrc/dense.cc`` (nn.Conv adds
+  the bias after it): ``experiments/bench_dense_grad.py`` times oneDNN's 1x1 forward below that product
+  and XLA's dot at the U-Net's shortcut shapes."""
+  out = jax.ShapeDtypeStruct((*x.shape[:3], w.shape[3]), jnp.float32)
+  zeros = jnp.zeros((w.shape[3],), jnp.float32)
+  return jax.ffi.ffi_call("DiffjaxDense", out, vmap_method="sequential")(
+    x, w[0, 0], zeros, threads=np.int64(threads)
+  )
 
 
 def _forward(x, w, strides, padding):
@@ -170,7 +175,7 @@ def _forward(x, w, strides, padding):
   if tile:
     onednn = functools.partial(_winograd, tile=tile)
   elif _is_pointwise(w.shape, strides, padding):
-    onednn = _pointwise
+    onednn = functools.partial(_pointwise, threads=cpu_kernels.threads())
   xla = functools.partial(_xla_conv, strides=strides, padding=padding)
   return lax.platform_dependent(x, w, cpu=onednn, default=xla)
 

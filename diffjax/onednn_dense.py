@@ -1,4 +1,4 @@
-"""Dense layers over many token rows on XLA:CPU whose VJP runs oneDNN 1x1-convolution gradients.
+"""Dense layers over token rows on XLA:CPU: a native forward with the bias fused, oneDNN gradients.
 
 :func:`dot_general` is a drop-in for ``jax.lax.dot_general`` in Flax's ``nn.Dense(dot_general=...)``
 hook (used by :func:`diffjax.models.conv.dense`). On XLA:CPU the weight gradient of a dense layer
@@ -10,6 +10,12 @@ forward stays XLA's dot plus bias (oneDNN's 1x1 convolution plus the bias ran at
 primitives when there are at least :data:`BACKWARD_MIN_ROWS` rows (1.7-2.9x faster than XLA's two dots
 from 1,024 to 16,384 rows of 64 channels there; 0.68x at 256 rows), else XLA's dots. Both paths compute
 the same products: the choice changes speed only.
+
+:func:`dense_bias` is the whole layer, ``x @ w + b``, for :class:`diffjax.models.conv.Dense` (which
+sees the bias, unlike the ``dot_general`` hook): on CPU its forward is diffjax's own threaded product with
+the bias in its accumulators (``csrc/dense.cc``; 1.2-3.6x XLA's dot plus bias at the U-Net's shapes in
+``experiments/bench_dense_grad.py``, where each call is waited for), its VJP the same as
+:func:`dense_product`'s plus the bias gradient.
 
 Covered: float32 ``inputs[..., L, C] @ kernel[C, O]`` with at least three input dimensions, the
 standard contraction, default precision and :func:`diffjax.cpu_kernels.enabled`; anything else, and
@@ -24,11 +30,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from diffjax import cpu_kernels, onednn_conv
 
-__all__ = ["BACKWARD_MIN_ROWS", "dot_general"]
+__all__ = ["BACKWARD_MIN_ROWS", "dense_bias", "dense_bias_covers", "dot_general"]
 
 BACKWARD_MIN_ROWS = 1024
 _VALID = ((0, 0), (0, 0))
@@ -67,10 +74,61 @@ def _bwd(res, dy):
   x, w = res
   if math.prod(x.shape[:-1]) < BACKWARD_MIN_ROWS:
     return _plain_grads(x, w, dy)
-  return lax.platform_dependent(x, w, dy, cpu=_onednn_grads, default=_plain_grads)
+  # a new callable per trace: platform_dependent caches its branches' traces, and _onednn_grads reads
+  # the thread count when traced
+  return lax.platform_dependent(x, w, dy, cpu=functools.partial(_onednn_grads), default=_plain_grads)
 
 
 dense_product.defvjp(_fwd, _bwd)
+
+
+def _native_dense(x, w, b, threads: int):
+  """``x @ w + b`` by ``csrc/dense.cc`` (threads bound by the caller: a branch's trace is cached)."""
+  out = jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[1]), jnp.float32)
+  return jax.ffi.ffi_call("DiffjaxDense", out, vmap_method="sequential")(x, w, b, threads=np.int64(threads))
+
+
+def _plain_dense(x, w, b):
+  return _plain(x, w) + b
+
+
+def _dense_forward(x, w, b):
+  native = functools.partial(_native_dense, threads=cpu_kernels.threads())
+  return lax.platform_dependent(x, w, b, cpu=native, default=_plain_dense)
+
+
+@jax.custom_vjp
+def dense_bias(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+  """``x[..., C] @ w[C, O] + b[O]`` for float32 operands that :func:`dense_bias_covers`; the native
+  forward on CPU, XLA's dot plus bias elsewhere (module docstring)."""
+  return _dense_forward(x, w, b)
+
+
+def _bias_fwd(x, w, b):
+  return _dense_forward(x, w, b), (x, w)
+
+
+def _bias_bwd(res, dy):
+  dx, dw = _bwd(res, dy)
+  return dx, dw, jnp.sum(dy, axis=tuple(range(dy.ndim - 1)))
+
+
+dense_bias.defvjp(_bias_fwd, _bias_bwd)
+
+
+def dense_bias_covers(x, w, b) -> bool:
+  """Whether :func:`dense_bias` takes these operands: float32 ``x`` of rank >= 3 with no empty axis,
+  ``w[C, O]``, ``b[O]``, and :func:`diffjax.cpu_kernels.enabled`."""
+  return (
+    jnp.ndim(x) >= 3
+    and jnp.ndim(w) == 2
+    and jnp.shape(b) == (jnp.shape(w)[1],)
+    and jnp.shape(x)[-1] == jnp.shape(w)[0]
+    and all(jnp.result_type(a) == jnp.float32 for a in (x, w, b))
+    and 0 not in jnp.shape(x)
+    and 0 not in jnp.shape(w)
+    and cpu_kernels.enabled()
+  )
 
 
 def _contracts_last_with_first(dimension_numbers, lhs_ndim: int) -> bool:

@@ -3,9 +3,10 @@
 The layers are the U-Net attention projections of bench_unet (64 channels in and out) over the token
 counts of its attention levels (4x4, 14x14, 16x16 maps) at training's batch 64 and sampling's batch 16,
 and its ResNet blocks' 1x1 shortcut convolutions (the same product over pixels; 128 -> 64 and 96 -> 32
-channels on 4x4, 8x8, 14x14 and 28x28 maps), whose forward ``diffjax.onednn_conv`` runs as XLA's dot.
-Forward: ``x @ w + b`` by XLA's dot (what ``diffjax.onednn_dense`` keeps) against oneDNN's 1x1
-convolution plus the bias; backward: both gradients by XLA's dots against oneDNN's backward-data and
+channels on 4x4, 8x8, 14x14 and 28x28 maps). Every call is waited for.
+Forward: ``x @ w + b`` by diffjax's native product with the bias fused (``csrc/dense.cc``, what
+``diffjax.models.conv.Dense`` and the 1x1 convolutions run) against XLA's dot plus the bias and oneDNN's
+1x1 convolution plus the bias; backward: both gradients by XLA's dots against oneDNN's backward-data and
 backward-weights primitives (what ``diffjax.onednn_dense`` runs from ``BACKWARD_MIN_ROWS`` rows). All
 variants of a shape are timed in each round, rounds alternate, ratios are medians of per-round ratios.
 Results: ``experiments/results/bench_dense_grad.{json,md}``.
@@ -80,6 +81,10 @@ def main() -> None:
     fns = {
       "forward xla": (jax.jit(lambda x, w, b: onednn_dense._plain(x, w) + b), (x, w, b)),
       "forward onednn": (jax.jit(_onednn_forward), (x, w, b)),
+      "forward native": (
+        jax.jit(lambda x, w, b: onednn_dense._native_dense(x, w, b, cpu_kernels.threads())),
+        (x, w, b),
+      ),
       "backward xla": (jax.jit(onednn_dense._plain_grads), (x, w, dy)),
       "backward onednn": (jax.jit(onednn_dense._onednn_grads), (x, w, dy)),
     }
@@ -98,6 +103,7 @@ def main() -> None:
       "rows": batch * tokens,
       "ms": {name: float(np.median(t)) * 1e3 for name, t in times.items()},
       "onednn_speedup_forward": _median_ratio(times["forward xla"], times["forward onednn"]),
+      "native_speedup_forward": _median_ratio(times["forward xla"], times["forward native"]),
       "onednn_speedup_backward": _median_ratio(times["backward xla"], times["backward onednn"]),
       "diffjax_backward": "onednn" if batch * tokens >= onednn_dense.BACKWARD_MIN_ROWS else "xla",
     }
@@ -119,12 +125,13 @@ def main() -> None:
       f"`{result['command']}` on {result['machine']}, jax {jax.__version__}; "
       f"{a.rounds} rounds x {a.reps} calls, variants alternating; load average {load0:.1f} at start, "
       f"{os.getloadavg()[0]:.1f} at end. Speed-up: median over rounds of XLA time / oneDNN time. Forward "
-      "includes the bias add; backward computes both gradients. diffjax keeps XLA's forward (dense layers and "
+      "includes the bias add; backward computes both gradients. diffjax runs the native forward (dense layers and "
       f"1x1 convolutions) and uses oneDNN's backward from {onednn_dense.BACKWARD_MIN_ROWS} rows (dense layers; "
       "1x1 convolutions always).\n"
     ),
     (
-      "| batch x tokens (rows), channels | forward ms XLA / oneDNN | oneDNN speed-up forward | backward ms XLA / oneDNN | "
+      "| batch x tokens (rows), channels | forward ms XLA / oneDNN / native | speed-up forward oneDNN / native | "
+      "backward ms XLA / oneDNN | "
       "oneDNN speed-up backward | diffjax backward |"
     ),
     "|---|---|---|---|---|---|",
@@ -133,7 +140,7 @@ def main() -> None:
     ms = row["ms"]
     lines.append(
       f"| {row['batch']} x {row['tokens']} ({row['rows']}), {row['channels'][0]} -> {row['channels'][1]} | {ms['forward xla']:.3f} / {ms['forward onednn']:.3f} "
-      f"| {row['onednn_speedup_forward']:.2f}x | {ms['backward xla']:.3f} / {ms['backward onednn']:.3f} | "
+      f"/ {ms['forward native']:.3f} | {row['onednn_speedup_forward']:.2f}x / {row['native_speedup_forward']:.2f}x | {ms['backward xla']:.3f} / {ms['backward onednn']:.3f} | "
       f"{row['onednn_speedup_backward']:.2f}x | {row['diffjax_backward']} |"
     )
   write_results("bench_dense_grad", result, "\n".join(lines) + "\n")

@@ -10,8 +10,9 @@ forward, which is all that sampling runs:
   ``scaled_dot_product_attention``;
 * GroupNorm(8 groups) + SiLU: the AVX-512 two-pass kernel, the portable three-pass kernel, diffjax's
   XLA formulation and ``torch`` ``group_norm`` + ``silu`` (channels-last input, as the U-Net has it);
-* the token dense layers (64 -> 64 plus bias): XLA's dot, which diffjax keeps for the forward
-  (``diffjax.onednn_dense``), and ``torch`` ``linear``.
+* the token dense layers (64 -> 64 plus bias): diffjax's native product with the bias fused
+  (``diffjax.onednn_dense.dense_bias``, what ``diffjax.models.conv.Dense`` runs), XLA's dot plus bias
+  (``DIFFJAX_CPU_KERNELS=xla``) and ``torch`` ``linear``.
 
 Each jax variant is compiled with its setting in the environment (the kernels read them at trace time),
 every call is waited for, and all variants of a shape run once per round in rotating order, each after
@@ -177,7 +178,10 @@ def dense_rows(rounds: int, reps: int) -> list:
     xt, wt, bt = (torch.from_numpy(np.asarray(a).copy()) for a in args)
     wt = wt.T.contiguous()
     variants = {
-      "xla": _jax(_compiled(lambda x, w, b: onednn_dense.dense_product(x, w) + b, args), args),
+      "native": _jax(_compiled(onednn_dense.dense_bias, args), args),
+      "xla": _jax(
+        _compiled(lambda x, w, b: jax.lax.dot_general(x, w, (((2,), (0,)), ((), ()))) + b, args), args
+      ),
       "torch": lambda reps, a=(xt, wt, bt): _torch(torch.nn.functional.linear, a, reps),
     }
     row = {"shape": f"{BATCH}x{tokens} tokens, 64 -> 64", **_run(variants, rounds, reps)}

@@ -76,10 +76,11 @@ def _label(tile: int) -> str:
 
 
 def _time(fn, args, reps: int) -> float:
+  """Mean seconds per call, each call waited for (calls left in flight would overlap XLA's own ops with
+  the next call's, but not diffjax's custom calls, whose worker pool runs one call at a time)."""
   t0 = time.perf_counter()
   for _ in range(reps):
-    r = fn(*args)
-  jax.block_until_ready(r)
+    jax.block_until_ready(fn(*args))
   return (time.perf_counter() - t0) / reps
 
 

@@ -111,6 +111,10 @@ def jax_class(name: str, line: str, bodies: dict[str, str]) -> str:
     kernel = native.group(1)
     if kernel.startswith("WinogradConv"):  # forward, or the input gradient (a convolution of dy)
       return "conv input grad" if "transpose(" in op else "conv forward"
+    if kernel == "WinogradWeights":  # the kernel transform (hoisted out of sampling loops)
+      return "conv input grad" if "transpose(" in op else "conv forward"
+    if kernel == "Dense":  # rank-4 result: a 1x1 convolution's forward (PyTorch counts those as convs)
+      return "conv forward" if re.search(r"= f32\[\d+,\d+,\d+,\d+\]", line) else "dense"
     if kernel.startswith("OnednnConv"):
       return {"OnednnConvFwd": "conv forward", "OnednnConvBwdData": "conv input grad"}.get(
         kernel, "conv weight grad"

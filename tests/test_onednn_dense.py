@@ -87,3 +87,34 @@ def test_bfloat16_inputs_are_plain_dot_general():
   assert (
     "DiffjaxOnednn" not in jax.jit(lambda a, b: onednn_dense.dot_general(a, b, DIMS)).lower(x, w).as_text()
   )
+
+
+@pytest.mark.parametrize("use_bias, rows", [(True, (3, 50)), (False, (2, 7)), (True, (1, 5))])
+def test_dense_layer_fuses_the_bias_and_matches_nn_dense(use_bias, rows):
+  """diffjax.models.conv.Dense: the native forward with the bias inside (short blocks, odd row counts),
+  values and all gradients (kernel, bias, input) equal to nn.Dense's."""
+  x = jax.random.normal(jax.random.key(2), (*rows, 24))
+  layer, plain = dense(40, use_bias=use_bias), nn.Dense(40, use_bias=use_bias)
+  params = plain.init(jax.random.key(3), x)
+  if use_bias:  # a non-zero bias, so that fusing it is checked
+    params = jax.tree.map(lambda a: a + 0.5 if a.ndim == 1 else a, params)
+  np.testing.assert_allclose(layer.apply(params, x), plain.apply(params, x), atol=1e-5, rtol=0)
+
+  def grads(m):
+    return jax.grad(lambda p, a: jnp.sum(jnp.sin(m.apply(p, a))), argnums=(0, 1))(params, x)
+
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5), grads(layer), grads(plain)
+  )
+  assert "DiffjaxDense" in jax.jit(layer.apply).lower(params, x).compile().as_text()
+
+
+def test_dense_layer_outside_the_fused_path_is_nn_dense():
+  x = jnp.ones((2, 6, 8), jnp.bfloat16)
+  layer = dense(4, dtype=jnp.bfloat16)
+  params = layer.init(jax.random.key(0), x)
+  assert "DiffjaxDense" not in jax.jit(layer.apply).lower(params, x).compile().as_text()
+  np.testing.assert_array_equal(layer.apply(params, x), nn.Dense(4, dtype=jnp.bfloat16).apply(params, x))
+  x2 = jnp.ones((6, 8))  # rank 2: not token rows
+  params2 = layer.init(jax.random.key(0), x2)
+  assert "DiffjaxDense" not in jax.jit(dense(4).apply).lower(params2, x2).compile().as_text()

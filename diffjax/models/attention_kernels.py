@@ -109,12 +109,12 @@ def _native(x) -> bool:
   return jnp.dtype(x.dtype) == jnp.float32 and 0 not in x.shape and cpu_kernels.enabled()
 
 
-def _native_forward(q, k, v, vector: bool):
+def _native_forward(q, k, v, vector: bool, threads: int):
   """Native kernel: ``[B, L, H, D]`` output and ``[B, H, L]`` log-sum-exp."""
   b, l, h, _ = q.shape
   shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, l), jnp.float32))
   call = jax.ffi.ffi_call("DiffjaxAttentionFwd", shapes, vmap_method="sequential")
-  return call(q, k, v, threads=np.int64(cpu_kernels.threads()), vector=np.int64(vector))
+  return call(q, k, v, threads=np.int64(threads), vector=np.int64(vector))
 
 
 def _rows_forward(q, k, v, block_bytes):
@@ -124,10 +124,10 @@ def _rows_forward(q, k, v, block_bytes):
   return _from_rows(out, b, h, jnp.float32), lse.reshape(b, h, l)
 
 
-def _native_backward(q, k, v, out, lse, g):
+def _native_backward(q, k, v, out, lse, g, threads: int):
   shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (q, k, v))
   call = jax.ffi.ffi_call("DiffjaxAttentionBwd", shapes, vmap_method="sequential")
-  return call(q, k, v, out, lse, g, threads=np.int64(cpu_kernels.threads()))
+  return call(q, k, v, out, lse, g, threads=np.int64(threads))
 
 
 def _rows_backward(q, k, v, out, lse, g, block_bytes):
@@ -138,9 +138,11 @@ def _rows_backward(q, k, v, out, lse, g, block_bytes):
 
 
 def _forward_native_layout(q, k, v, block_bytes):
-  # the setting is read here and bound into a new callable: platform_dependent caches the traces of
-  # its branch functions, so one read inside _native_forward would keep the first trace's value
-  native = functools.partial(_native_forward, vector=cpu_kernels.vector_kernels())
+  # the settings are read here and bound into a new callable: platform_dependent caches the traces of
+  # its branch functions, so a read inside _native_forward would keep the first trace's value
+  native = functools.partial(
+    _native_forward, vector=cpu_kernels.vector_kernels(), threads=cpu_kernels.threads()
+  )
   return jax.lax.platform_dependent(
     q, k, v, cpu=native, default=functools.partial(_rows_forward, block_bytes=block_bytes)
   )
@@ -169,7 +171,8 @@ def _attention_bwd(block_bytes, res, g):
   # q, k and v share g's dtype (blocked_attention casts k and v to q.dtype).
   if _native(g):
     rows = functools.partial(_rows_backward, block_bytes=block_bytes)
-    return jax.lax.platform_dependent(*res, g, cpu=_native_backward, default=rows)
+    native = functools.partial(_native_backward, threads=cpu_kernels.threads())  # see _forward_native_layout
+    return jax.lax.platform_dependent(*res, g, cpu=native, default=rows)
   q, k, v, out, lse = res
   b, l, h, _ = g.shape
   chunk = _pick_chunk(b * h, 4 * l * k.shape[1], block_bytes)

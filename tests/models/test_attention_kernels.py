@@ -148,3 +148,26 @@ def test_native_cpu_kernel_matches_the_blocked_xla_kernel(shape, avx512, monkeyp
   assert "DiffjaxAttention" not in texts["xla"]
   for got, want in zip(jax.tree.leaves(results["native"]), jax.tree.leaves(results["xla"])):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+
+
+def test_thread_setting_reaches_the_native_kernels_after_a_first_trace(monkeypatch):
+  """DIFFJAX_CPU_THREADS is read at each trace, forward and backward (platform_dependent caches the
+  traces of its branch functions: a read inside them would keep the first value), and results agree."""
+  import re
+
+  from diffjax import cpu_kernels
+
+  if not cpu_kernels.available():
+    pytest.skip(cpu_kernels.unavailable_reason())
+  q, k, v, g = _qkv(3, 20, 20, 2, 8, seed=5)
+  results = {}
+  for threads in ("1", "3"):
+    monkeypatch.setenv("DIFFJAX_CPU_THREADS", threads)
+    f = jax.jit(lambda *a: _vjp(blocked_attention, *a))  # a new function: traced again
+    text = f.lower(q, k, v, g).compile().as_text()
+    for target in ("DiffjaxAttentionFwd", "DiffjaxAttentionBwd"):
+      (line,) = [x for x in text.splitlines() if f'custom_call_target="{target}"' in x]
+      assert re.search(rf"threads = {threads}\b", line), (target, threads)
+    results[threads] = f(q, k, v, g)
+  for a, b in zip(jax.tree.leaves(results["1"]), jax.tree.leaves(results["3"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-6)
