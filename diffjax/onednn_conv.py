@@ -10,13 +10,15 @@ backward-weights primitives on CPU (XLA's transposed convolutions elsewhere). Th
 stride-1 "SAME" convolutions (forward and input gradient) run Winograd's F(4x4, 3x3) or F(2x2, 3x3)
 instead (:func:`winograd_tile`; 4x or 2.25x fewer multiply-adds than the direct method), with the
 kernel transform a call of its own (:func:`winograd_weights`) that XLA hoists out of sampling loops.
-1x1 stride-1 convolutions without padding run their forward as the native dense product (``csrc/dense.cc``).
+1x1 stride-1 convolutions without padding run their forward as the native dense product
+(``csrc/dense.cc``) on inputs up to 4 MiB and as XLA's dot above.
 Forward and gradients equal XLA's to 1e-5 (``tests/test_onednn_conv.py``).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import jax
@@ -150,6 +152,13 @@ def _winograd(x, w, tile: int):
   return winograd_conv(x, winograd_weights(w, tile), tile)
 
 
+# The native dense forward (csrc/dense.cc; 1x1 convolutions here, dense layers in onednn_dense) takes
+# inputs up to this many elements (4 MiB of float32); above, XLA's dot: experiments/bench_dense_grad.py
+# timed the native product at 0.67x / 0.69x XLA's dot in two runs on 16 x 784 rows of 96 channels (1.2M
+# elements) and at 1.0-3.1x on every smaller shape.
+NATIVE_DENSE_MAX_ELEMENTS = 1 << 20
+
+
 def _is_pointwise(w_shape, strides, padding) -> bool:
   """A 1x1 kernel with stride 1 and no padding: a dense layer over the pixels."""
   return tuple(w_shape[:2]) == (1, 1) and tuple(strides) == (1, 1) and tuple(map(tuple, padding)) == _VALID
@@ -157,13 +166,19 @@ def _is_pointwise(w_shape, strides, padding) -> bool:
 
 def _pointwise(x, w, threads: int):
   """The forward of a 1x1 convolution as a dense layer over the pixels by ``csrc/dense.cc`` (nn.Conv adds
-  the bias after it): ``experiments/bench_dense_grad.py`` times oneDNN's 1x1 forward below that product
-  and XLA's dot at the U-Net's shortcut shapes."""
+  the bias after it) for inputs up to ``NATIVE_DENSE_MAX_ELEMENTS``, as for the dense layers;
+  ``experiments/bench_dense_grad.py`` times oneDNN's 1x1 forward below that product and XLA's dot at the
+  U-Net's shortcut shapes."""
   out = jax.ShapeDtypeStruct((*x.shape[:3], w.shape[3]), jnp.float32)
   zeros = jnp.zeros((w.shape[3],), jnp.float32)
   return jax.ffi.ffi_call("DiffjaxDense", out, vmap_method="sequential")(
     x, w[0, 0], zeros, threads=np.int64(threads)
   )
+
+
+def _xla_pointwise(x, w):
+  """A larger 1x1 forward by XLA's dot (faster there than both the native product and oneDNN's)."""
+  return lax.dot_general(x, w[0, 0], (((3,), (0,)), ((), ())))
 
 
 def _forward(x, w, strides, padding):
@@ -175,7 +190,11 @@ def _forward(x, w, strides, padding):
   if tile:
     onednn = functools.partial(_winograd, tile=tile)
   elif _is_pointwise(w.shape, strides, padding):
-    onednn = functools.partial(_pointwise, threads=cpu_kernels.threads())
+    onednn = (
+      functools.partial(_pointwise, threads=cpu_kernels.threads())
+      if math.prod(x.shape) <= NATIVE_DENSE_MAX_ELEMENTS
+      else _xla_pointwise
+    )
   xla = functools.partial(_xla_conv, strides=strides, padding=padding)
   return lax.platform_dependent(x, w, cpu=onednn, default=xla)
 

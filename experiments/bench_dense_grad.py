@@ -47,6 +47,7 @@ SHAPES = (  # (batch, tokens, channels in, out)
   (64, 64, 96, 32),  # training at 8x8x1
   (16, 196, 128, 64),  # sampling at 28x28x1 (14x14 and 28x28 maps)
   (16, 784, 96, 32),
+  (64, 784, 96, 32),  # training at 28x28x1
 )
 VALID = ((0, 0), (0, 0))
 
@@ -120,12 +121,12 @@ def main() -> None:
     "wall_s": round(time.perf_counter() - t_start, 1),
   }
   lines = [
-    "# bench_dense_grad: token dense layers, XLA's dots vs oneDNN 1x1 convolutions\n",
+    "# bench_dense_grad: token dense layers and 1x1 convolutions: XLA's dots, oneDNN, diffjax's native forward\n",
     (
       f"`{result['command']}` on {result['machine']}, jax {jax.__version__}; "
       f"{a.rounds} rounds x {a.reps} calls, variants alternating; load average {load0:.1f} at start, "
-      f"{os.getloadavg()[0]:.1f} at end. Speed-up: median over rounds of XLA time / oneDNN time. Forward "
-      "includes the bias add; backward computes both gradients. diffjax runs the native forward (dense layers and "
+      f"{os.getloadavg()[0]:.1f} at end; every call waited for. Speed-up: median over rounds of XLA time / "
+      "oneDNN (or native) time. Forward includes the bias add (native: inside the product); backward computes both gradients. diffjax runs the native forward (dense layers and "
       f"1x1 convolutions) and uses oneDNN's backward from {onednn_dense.BACKWARD_MIN_ROWS} rows (dense layers; "
       "1x1 convolutions always).\n"
     ),
