@@ -10,15 +10,13 @@ backward-weights primitives on CPU (XLA's transposed convolutions elsewhere). Th
 stride-1 "SAME" convolutions (forward and input gradient) run Winograd's F(4x4, 3x3) or F(2x2, 3x3)
 instead (:func:`winograd_tile`; 4x or 2.25x fewer multiply-adds than the direct method), with the
 kernel transform a call of its own (:func:`winograd_weights`) that XLA hoists out of sampling loops.
-1x1 stride-1 convolutions without padding run their forward as the native dense product
-(``csrc/dense.cc``) on inputs up to 4 MiB and as XLA's dot above.
+1x1 stride-1 convolutions without padding run their forward as the native dense product (``csrc/dense.cc``).
 Forward and gradients equal XLA's to 1e-5 (``tests/test_onednn_conv.py``).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import jax
@@ -97,12 +95,12 @@ def winograd_tile(x_shape, w_shape, strides, padding) -> int:
   but F(4x4) rounds more, the more so the more input channels (``experiments/bench_winograd.py``: about
   5e-6 of the output's scale at 32 channels, 9e-6 at 96, against F(2x2)'s 7e-7), and its heavier
   transforms and 2.25x larger transformed kernel pay less on small maps. That benchmark sets the rule:
-  F(4x4) on maps of at least 12x12 with at most 96 input channels (in its committed run 1.7-2.2x the
-  direct kernel's speed per call, F(2x2) 1.3-1.7x), F(2x2) on smaller maps down to 4x4 (there, per call
-  at batch 16: F(2x2) 1.4-1.6x on 8x8 maps, 0.6-1.0x on 4x4 maps; with the transformed kernel computed
-  before a sampling loop: 1.5-1.6x and 1.35-1.5x). In its timing of the whole 8x8x1 sampler, the
-  alternatives for the small maps (direct or F(4x4) on 4x4 maps, F(4x4) on 8x8 maps) were within
-  0.98-1.00x of this rule.
+  F(4x4) on maps of at least 12x12 with at most 96 input channels (in its committed run 1.6-2.1x the
+  direct kernel's speed per call, F(2x2) 1.4-1.7x), F(2x2) on smaller maps down to 4x4 (there, per call
+  at batch 16: F(2x2) 1.3-1.5x on 8x8 maps, 1.0-1.2x on 4x4 maps; with the transformed kernel computed
+  before a sampling loop: 1.5-1.7x and 1.6-1.65x). In its timing of the whole 8x8x1 sampler, the
+  alternatives for the small maps ran at 0.88x (direct on 4x4 maps), 0.92x (F(4x4) on 4x4 maps) and
+  1.02x (F(4x4) on 8x8 and 4x4 maps) of this rule's speed.
   """
   flag = os.environ.get(WINOGRAD_ENV, "1")
   if flag not in ("0", "1"):
@@ -152,13 +150,6 @@ def _winograd(x, w, tile: int):
   return winograd_conv(x, winograd_weights(w, tile), tile)
 
 
-# The native dense forward (csrc/dense.cc; 1x1 convolutions here, dense layers in onednn_dense) takes
-# inputs up to this many elements (4 MiB of float32); above, XLA's dot: experiments/bench_dense_grad.py
-# timed the native product at 0.67x / 0.69x XLA's dot in two runs on 16 x 784 rows of 96 channels (1.2M
-# elements) and at 1.0-3.1x on every smaller shape.
-NATIVE_DENSE_MAX_ELEMENTS = 1 << 20
-
-
 def _is_pointwise(w_shape, strides, padding) -> bool:
   """A 1x1 kernel with stride 1 and no padding: a dense layer over the pixels."""
   return tuple(w_shape[:2]) == (1, 1) and tuple(strides) == (1, 1) and tuple(map(tuple, padding)) == _VALID
@@ -166,19 +157,13 @@ def _is_pointwise(w_shape, strides, padding) -> bool:
 
 def _pointwise(x, w, threads: int):
   """The forward of a 1x1 convolution as a dense layer over the pixels by ``csrc/dense.cc`` (nn.Conv adds
-  the bias after it) for inputs up to ``NATIVE_DENSE_MAX_ELEMENTS``, as for the dense layers;
-  ``experiments/bench_dense_grad.py`` times oneDNN's 1x1 forward below that product and XLA's dot at the
-  U-Net's shortcut shapes."""
+  the bias after it); ``experiments/bench_dense_grad.py`` times it against oneDNN's 1x1 forward and
+  XLA's dot at the U-Net's shortcut shapes."""
   out = jax.ShapeDtypeStruct((*x.shape[:3], w.shape[3]), jnp.float32)
   zeros = jnp.zeros((w.shape[3],), jnp.float32)
   return jax.ffi.ffi_call("DiffjaxDense", out, vmap_method="sequential")(
     x, w[0, 0], zeros, threads=np.int64(threads)
   )
-
-
-def _xla_pointwise(x, w):
-  """A larger 1x1 forward by XLA's dot (faster there than both the native product and oneDNN's)."""
-  return lax.dot_general(x, w[0, 0], (((3,), (0,)), ((), ())))
 
 
 def _forward(x, w, strides, padding):
@@ -190,11 +175,7 @@ def _forward(x, w, strides, padding):
   if tile:
     onednn = functools.partial(_winograd, tile=tile)
   elif _is_pointwise(w.shape, strides, padding):
-    onednn = (
-      functools.partial(_pointwise, threads=cpu_kernels.threads())
-      if math.prod(x.shape) <= NATIVE_DENSE_MAX_ELEMENTS
-      else _xla_pointwise
-    )
+    onednn = functools.partial(_pointwise, threads=cpu_kernels.threads())
   xla = functools.partial(_xla_conv, strides=strides, padding=padding)
   return lax.platform_dependent(x, w, cpu=onednn, default=xla)
 

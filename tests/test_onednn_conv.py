@@ -258,17 +258,3 @@ def test_winograd_kernel_transform_is_hoisted_out_of_a_loop():
   for _ in range(3):
     want = _reference(want, w, (1, 1), ((1, 1), (1, 1)))
   np.testing.assert_allclose(np.asarray(compiled(x, w, jnp.int32(3))), np.asarray(want), atol=1e-5)
-
-
-@pytest.mark.parametrize("limit, want", [(10**6, "DiffjaxDense"), (100, None)])
-def test_pointwise_forward_by_size(monkeypatch, limit, want):
-  """1x1 convolutions: the native dense product up to NATIVE_DENSE_MAX_ELEMENTS inputs, XLA's dot above."""
-  from diffjax import onednn_conv
-
-  monkeypatch.setattr(onednn_conv, "NATIVE_DENSE_MAX_ELEMENTS", limit)
-  x = jax.random.normal(jax.random.key(8), (2, 5, 4, 12))  # 480 elements
-  w = jax.random.normal(jax.random.key(9), (1, 1, 12, 20)) / 4.0
-  f = jax.jit(lambda a, b: conv_general_dilated(a, b, (1, 1), "VALID", dimension_numbers=DN))
-  text = f.lower(x, w).compile().as_text()
-  assert ("DiffjaxDense" in text) == (want is not None) and "DiffjaxOnednnConvFwd" not in text
-  np.testing.assert_allclose(np.asarray(f(x, w)), np.asarray(_reference(x, w, (1, 1), "VALID")), atol=1e-5)

@@ -118,14 +118,3 @@ def test_dense_layer_outside_the_fused_path_is_nn_dense():
   x2 = jnp.ones((6, 8))  # rank 2: not token rows
   params2 = layer.init(jax.random.key(0), x2)
   assert "DiffjaxDense" not in jax.jit(dense(4).apply).lower(params2, x2).compile().as_text()
-
-
-def test_inputs_above_the_native_size_use_xla_dot(monkeypatch):
-  x = jax.random.normal(jax.random.key(4), (2, 30, 8))
-  layer = dense(6)
-  params = layer.init(jax.random.key(5), x)
-  want = nn.Dense(6).apply(params, x)
-  monkeypatch.setattr(onednn_dense, "NATIVE_MAX_ELEMENTS", x.size - 1)  # 480 elements: one too many
-  text = jax.jit(lambda p, a: layer.apply(p, a)).lower(params, x).compile().as_text()
-  assert "DiffjaxDense" not in text
-  np.testing.assert_allclose(layer.apply(params, x), want, atol=1e-5, rtol=0)
