@@ -5,10 +5,10 @@ hook (used by :func:`diffjax.models.conv.dense`). On XLA:CPU the weight gradient
 applied to ``[B, L, C]`` tokens, ``x^T dy`` contracting over all ``B*L`` rows into a small ``[C, O]``
 block, runs on one thread. The same product is a 1x1 convolution of ``[B, L, 1, C]``, for which oneDNN's
 kernels (:mod:`diffjax.onednn_conv`, split over the batch by diffjax's own workers) are fast. So the
-forward stays XLA's dot plus bias (oneDNN's 1x1 convolution plus the bias ran at 0.3-1.0x its speed in
-``experiments/bench_dense_grad.py``), and the backward runs oneDNN's backward-data and backward-weights
-primitives when there are at least :data:`BACKWARD_MIN_ROWS` rows (1.7-2.9x faster than XLA's two dots
-from 1,024 to 16,384 rows of 64 channels there; 0.68x at 256 rows), else XLA's dots. Both paths compute
+hook's forward stays XLA's dot (oneDNN's 1x1 convolution plus the bias ran at 0.3-1.0x XLA's dot plus
+bias in ``experiments/bench_dense_grad.py``), and the backward runs oneDNN's backward-data and
+backward-weights primitives when there are at least :data:`BACKWARD_MIN_ROWS` rows (2.1-3.8x faster than
+XLA's two dots from 1,024 to 16,384 rows of 64 channels there; 0.68x at 256 rows), else XLA's dots. Both paths compute
 the same products: the choice changes speed only.
 
 :func:`dense_bias` is the whole layer, ``x @ w + b``, for :class:`diffjax.models.conv.Dense` (which

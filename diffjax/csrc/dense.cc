@@ -42,9 +42,9 @@ ffi::Error Dense(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<f
   const int64_t full = rows / kRows, blocks = full + (rows % kRows != 0);
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
   std::function<void(int)> fn = [&](int i) {
-    for (int64_t b = blocks * i / chunks; b < blocks * (i + 1) / chunks; ++b) {
-      const int64_t r0 = b * kRows;
-      if (b < full) {
+    for (int64_t block = blocks * i / chunks; block < blocks * (i + 1) / chunks; ++block) {
+      const int64_t r0 = block * kRows;
+      if (block < full) {
         diffjax::Gemm(xp + r0 * k_n, wp, yp + r0 * o_n, kRows, k_n, o_n, bp);
         continue;
       }

@@ -1,6 +1,6 @@
 // Register-blocked float32 matrix products for diffjax's CPU custom calls: the Winograd convolution's
-// per-point products (winograd_conv.cc) and the dense forward (dense.cc). GCC vector extensions: one Vec is an AVX-512 register where the
-// machine has it, two AVX2 ones otherwise.
+// per-point products (winograd_conv.cc) and the dense forward (dense.cc). GCC vector extensions: one Vec
+// is an AVX-512 register where the machine has it, two AVX2 ones otherwise.
 #ifndef DIFFJAX_CSRC_GEMM_KERNELS_H_
 #define DIFFJAX_CSRC_GEMM_KERNELS_H_
 
