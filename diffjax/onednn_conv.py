@@ -30,6 +30,7 @@ __all__ = [
   "WINOGRAD_ENV",
   "conv2d_nhwc",
   "conv_general_dilated",
+  "native_dense",
   "winograd_conv",
   "winograd_tile",
   "winograd_weights",
@@ -139,7 +140,21 @@ def winograd_weights(w, tile: int):
 
 
 def winograd_conv(x, u, tile: int):
-  """The Winograd custom call on pre-transformed weights ``u`` (:func:`winograd_weights`); CPU only."""
+  """The Winograd custom call on pre-transformed weights ``u`` (:func:`winograd_weights`); CPU only.
+
+  ``x[N, H, W, C]`` is convolved with the 3x3 kernel whose transform is ``u[tile + 2, tile + 2, C, O]``
+  (stride 1, zero padding 1). Raises ``ValueError`` naming the argument for another tile or shapes that
+  do not fit.
+  """
+  if tile not in (2, 4):
+    raise ValueError(f"tile must be 2 or 4, got {tile!r}")
+  if jnp.ndim(x) != 4:
+    raise ValueError(f"x must be [N, H, W, C], got shape {jnp.shape(x)}")
+  if jnp.ndim(u) != 4 or tuple(u.shape[:3]) != (tile + 2, tile + 2, x.shape[3]):
+    raise ValueError(
+      f"u must be [{tile + 2}, {tile + 2}, C, O] with C = {x.shape[3]} (x's channels) for tile {tile}, "
+      f"got shape {jnp.shape(u)}"
+    )
   out = jax.ShapeDtypeStruct((*x.shape[:3], u.shape[3]), jnp.float32)
   return jax.ffi.ffi_call(WINOGRAD_TARGET, out, vmap_method="sequential")(
     x, u, tile=np.int64(tile), threads=np.int64(cpu_kernels.threads())
@@ -155,15 +170,24 @@ def _is_pointwise(w_shape, strides, padding) -> bool:
   return tuple(w_shape[:2]) == (1, 1) and tuple(strides) == (1, 1) and tuple(map(tuple, padding)) == _VALID
 
 
+DENSE_TARGET = "DiffjaxDense"
+
+
+def native_dense(x, w, b, threads: int):
+  """``x[..., C] @ w[C, O] + b[O]`` by ``csrc/dense.cc`` (CPU only), the bias inside the product; the
+  product of :func:`diffjax.onednn_dense.dense_bias` and of the 1x1 convolutions' forward here.
+
+  ``threads`` is bound by callers when they trace: ``platform_dependent`` caches its branches' traces.
+  """
+  out = jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[1]), jnp.float32)
+  return jax.ffi.ffi_call(DENSE_TARGET, out, vmap_method="sequential")(x, w, b, threads=np.int64(threads))
+
+
 def _pointwise(x, w, threads: int):
-  """The forward of a 1x1 convolution as a dense layer over the pixels by ``csrc/dense.cc`` (nn.Conv adds
-  the bias after it); ``experiments/bench_dense_grad.py`` times it against oneDNN's 1x1 forward and
-  XLA's dot at the U-Net's shortcut shapes."""
-  out = jax.ShapeDtypeStruct((*x.shape[:3], w.shape[3]), jnp.float32)
-  zeros = jnp.zeros((w.shape[3],), jnp.float32)
-  return jax.ffi.ffi_call("DiffjaxDense", out, vmap_method="sequential")(
-    x, w[0, 0], zeros, threads=np.int64(threads)
-  )
+  """The forward of a 1x1 convolution as a dense layer over the pixels (nn.Conv adds the bias after
+  it); ``experiments/bench_dense_grad.py`` times it against oneDNN's 1x1 forward and XLA's dot at the
+  U-Net's shortcut shapes."""
+  return native_dense(x, w[0, 0], jnp.zeros((w.shape[3],), jnp.float32), threads)
 
 
 def _forward(x, w, strides, padding):

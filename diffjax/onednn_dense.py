@@ -32,7 +32,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from diffjax import cpu_kernels, onednn_conv
@@ -84,29 +83,33 @@ def _bwd(res, dy):
 dense_product.defvjp(_fwd, _bwd)
 
 
-def _native_dense(x, w, b, threads: int):
-  """``x @ w + b`` by ``csrc/dense.cc`` (threads bound by the caller: a branch's trace is cached)."""
-  out = jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[1]), jnp.float32)
-  return jax.ffi.ffi_call("DiffjaxDense", out, vmap_method="sequential")(x, w, b, threads=np.int64(threads))
-
-
 def _plain_dense(x, w, b):
   return _plain(x, w) + b
 
 
 def _dense_forward(x, w, b):
-  native = functools.partial(_native_dense, threads=cpu_kernels.threads())
+  native = functools.partial(onednn_conv.native_dense, threads=cpu_kernels.threads())
   return lax.platform_dependent(x, w, b, cpu=native, default=_plain_dense)
 
 
 @jax.custom_vjp
 def dense_bias(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
   """``x[..., C] @ w[C, O] + b[O]`` for float32 operands that :func:`dense_bias_covers`; the native
-  forward on CPU, XLA's dot plus bias elsewhere (module docstring)."""
+  forward on CPU, XLA's dot plus bias elsewhere (module docstring). Raises ``ValueError`` naming the
+  argument whose shape does not fit."""
+  _check_dense(x, w, b)
   return _dense_forward(x, w, b)
 
 
+def _check_dense(x, w, b) -> None:
+  if jnp.ndim(x) < 1 or jnp.ndim(w) != 2 or jnp.shape(x)[-1] != jnp.shape(w)[0]:
+    raise ValueError(f"x must be [..., C] and w [C, O]; got shapes {jnp.shape(x)} and {jnp.shape(w)}")
+  if jnp.shape(b) != (jnp.shape(w)[1],):
+    raise ValueError(f"b must be [O] = [{jnp.shape(w)[1]}] for w of shape {jnp.shape(w)}, got {jnp.shape(b)}")
+
+
 def _bias_fwd(x, w, b):
+  _check_dense(x, w, b)
   return _dense_forward(x, w, b), (x, w)
 
 

@@ -83,7 +83,7 @@ def main() -> None:
       "forward xla": (jax.jit(lambda x, w, b: onednn_dense._plain(x, w) + b), (x, w, b)),
       "forward onednn": (jax.jit(_onednn_forward), (x, w, b)),
       "forward native": (
-        jax.jit(lambda x, w, b: onednn_dense._native_dense(x, w, b, cpu_kernels.threads())),
+        jax.jit(lambda x, w, b: onednn_conv.native_dense(x, w, b, cpu_kernels.threads())),
         (x, w, b),
       ),
       "backward xla": (jax.jit(onednn_dense._plain_grads), (x, w, dy)),

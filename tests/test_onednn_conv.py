@@ -258,3 +258,17 @@ def test_winograd_kernel_transform_is_hoisted_out_of_a_loop():
   for _ in range(3):
     want = _reference(want, w, (1, 1), ((1, 1), (1, 1)))
   np.testing.assert_allclose(np.asarray(compiled(x, w, jnp.int32(3))), np.asarray(want), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "x_shape, u_shape, tile, match",
+  [
+    ((2, 6, 6, 8), (4, 4, 8, 16), 3, "tile"),
+    ((6, 6, 8), (4, 4, 8, 16), 2, "x must be"),
+    ((2, 6, 6, 8), (6, 6, 8, 16), 2, "u must be"),  # transformed for F(4x4), not F(2x2)
+    ((2, 6, 6, 8), (4, 4, 5, 16), 2, "u must be"),  # channels differ from x's
+  ],
+)
+def test_winograd_conv_bad_arguments_are_named(x_shape, u_shape, tile, match):
+  with pytest.raises(ValueError, match=match):
+    winograd_conv(jnp.ones(x_shape), jnp.ones(u_shape), tile)

@@ -118,3 +118,16 @@ def test_dense_layer_outside_the_fused_path_is_nn_dense():
   x2 = jnp.ones((6, 8))  # rank 2: not token rows
   params2 = layer.init(jax.random.key(0), x2)
   assert "DiffjaxDense" not in jax.jit(dense(4).apply).lower(params2, x2).compile().as_text()
+
+
+@pytest.mark.parametrize(
+  "x, w, b, match",
+  [
+    ((2, 5, 8), (6, 4), (4,), "x must be"),  # C mismatch
+    ((2, 5, 8), (8,), (4,), "x must be"),  # w not [C, O]
+    ((2, 5, 8), (8, 4), (3,), "b must be"),
+  ],
+)
+def test_dense_bias_bad_arguments_are_named(x, w, b, match):
+  with pytest.raises(ValueError, match=match):
+    onednn_dense.dense_bias(jnp.ones(x), jnp.ones(w), jnp.ones(b))
